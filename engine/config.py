@@ -1,0 +1,183 @@
+"""Typed cluster configuration, shared by the builder, the engine servers and the router.
+
+It sits below prefill/, decode/ and router/ so that none of them imports cluster/.
+Every model validates on load, so a bad config fails at startup with a message that
+names the field.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def parse_core_set(spec: str) -> list[int]:
+    """'0-3,6' -> [0, 1, 2, 3, 6]."""
+    cores: list[int] = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            lo_i, hi_i = int(lo), int(hi)
+            if hi_i < lo_i:
+                raise ValueError(f"bad core range {part!r}")
+            cores.extend(range(lo_i, hi_i + 1))
+        else:
+            cores.append(int(part))
+    if not cores:
+        raise ValueError(f"empty core set {spec!r}")
+    if len(set(cores)) != len(cores):
+        raise ValueError(f"core set {spec!r} names a core twice")
+    return cores
+
+
+class ModelSpec(_Strict):
+    path: str = "builtin:tiny"
+    served_name: str = "tiny"
+    load_format: Literal["dummy", "auto", "safetensors"] = "dummy"
+    dtype: str = "bfloat16"
+    max_model_len: int = Field(2048, ge=16)
+    block_size: int = Field(32, ge=1)
+    seed: int = 0
+
+
+class EngineOptions(_Strict):
+    """Per-engine knobs passed to vLLM's AsyncEngineArgs."""
+
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: Optional[int] = Field(None, ge=16)
+    # CPU only: GiB of DRAM for the KV cache (VLLM_CPU_KVCACHE_SPACE).
+    cpu_kv_cache_gib: int = Field(1, ge=1)
+    # GPU only.
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True
+
+
+class PoolSpec(_Strict):
+    replicas: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    # CPU: one core set per replica, e.g. ["0", "1"]; these sets must not overlap
+    # across pools (our stand-in for separate accelerator groups).
+    cpu_cores: Optional[list[str]] = None
+    # GPU: GPUs per replica (Ray resource); custom Ray resource that pins the pool to
+    # its node group, e.g. {"prefill_group": 1}.
+    gpus_per_replica: float = Field(0, ge=0)
+    ray_resources: dict[str, float] = Field(default_factory=dict)
+    max_ongoing_requests: int = Field(256, ge=1)
+
+    @field_validator("cpu_cores")
+    @classmethod
+    def _check_cores(cls, v):
+        if v is not None:
+            for spec in v:
+                parse_core_set(spec)
+        return v
+
+    def cores_for(self, index: int) -> Optional[list[int]]:
+        if self.cpu_cores is None:
+            return None
+        return parse_core_set(self.cpu_cores[index % len(self.cpu_cores)])
+
+
+class KVTransferSpec(_Strict):
+    transport: Literal["nixl", "grpc"] = "nixl"
+    buffer_device: Literal["cpu", "cuda"] = "cpu"
+    # Each engine gets side_channel_base_port + its global engine index.
+    side_channel_base_port: int = Field(15600, ge=1024, le=65000)
+    # Seconds a prefill holds finished blocks for a decode that never pulls them.
+    lease_seconds: int = Field(30, ge=2)
+    # What decode does when a KV load fails: "fail" lets the router fall back and
+    # tell the operator; "recompute" hides the failure inside the engine.
+    load_failure_policy: Literal["fail", "recompute"] = "fail"
+
+
+class RouterSpec(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    request_timeout_s: float = Field(300.0, gt=0)
+    prefill_timeout_s: float = Field(30.0, gt=0)
+    load_poll_interval_s: float = Field(0.25, gt=0)
+    # A decode replica is eligible while its KV usage stays below this.
+    decode_kv_headroom: float = Field(0.95, gt=0, le=1)
+
+
+class SLOSpec(_Strict):
+    ttft_ms: float = Field(500.0, gt=0)
+    tpot_ms: float = Field(50.0, gt=0)
+    e2e_ms: Optional[float] = Field(None, gt=0)
+
+
+class ClusterConfig(_Strict):
+    name: str = "pdserve"
+    mode: Literal["pd", "monolithic"]
+    device: Literal["cpu", "gpu"] = "cpu"
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    engine: EngineOptions = Field(default_factory=EngineOptions)
+    prefill: Optional[PoolSpec] = None
+    decode: Optional[PoolSpec] = None
+    monolithic: Optional[PoolSpec] = None
+    kv_transfer: KVTransferSpec = Field(default_factory=KVTransferSpec)
+    router: RouterSpec = Field(default_factory=RouterSpec)
+    slo: SLOSpec = Field(default_factory=SLOSpec)
+
+    @model_validator(mode="after")
+    def _check_pools(self):
+        if self.mode == "pd":
+            if self.prefill is None or self.decode is None:
+                raise ValueError("mode 'pd' needs both a 'prefill' and a 'decode' pool")
+            if self.monolithic is not None:
+                raise ValueError("mode 'pd' takes no 'monolithic' pool")
+        else:
+            if self.monolithic is None:
+                raise ValueError("mode 'monolithic' needs a 'monolithic' pool")
+            if self.prefill is not None or self.decode is not None:
+                raise ValueError("mode 'monolithic' takes no 'prefill'/'decode' pools")
+        if self.device == "cpu":
+            self._check_disjoint_cores()
+        if self.device == "gpu" and self.kv_transfer.buffer_device == "cpu" and self.mode == "pd":
+            # Allowed (host-buffer staging), but never the silent default on GPU.
+            pass
+        return self
+
+    def pools(self) -> dict[str, PoolSpec]:
+        names = ("prefill", "decode") if self.mode == "pd" else ("monolithic",)
+        return {n: getattr(self, n) for n in names}
+
+    def _check_disjoint_cores(self) -> None:
+        owner: dict[int, str] = {}
+        for name, pool in self.pools().items():
+            if pool.cpu_cores is None:
+                raise ValueError(
+                    f"pool {name!r}: device 'cpu' needs cpu_cores (one core set per replica); "
+                    "engines left on OpenMP 'auto' binding fight over every core"
+                )
+            if len(pool.cpu_cores) != pool.replicas:
+                raise ValueError(
+                    f"pool {name!r}: {pool.replicas} replicas but {len(pool.cpu_cores)} core sets"
+                )
+            for i in range(pool.replicas):
+                for core in pool.cores_for(i):
+                    where = f"{name}[{i}]"
+                    if core in owner:
+                        raise ValueError(f"core {core} is given to both {owner[core]} and {where}")
+                    owner[core] = where
+
+
+def load_config(path: str | Path) -> ClusterConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {p}")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: top level must be a mapping")
+    return ClusterConfig.model_validate(data)

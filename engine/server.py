@@ -1,0 +1,213 @@
+"""One vLLM engine with vLLM's own OpenAI serving layer, in-process.
+
+``EngineServer`` is what a prefill, decode or monolithic replica owns. It is plain
+Python (no Ray), so it can be started and tested on its own. Requests come in as
+OpenAI JSON bodies and go out as a stream of ``Item`` tuples:
+
+* ``("json", body)``: a complete non-streaming response;
+* ``("error", status, body)``: an OpenAI error body with its HTTP status;
+* ``("sse", text)``: one server-sent-event chunk, exactly as vLLM's server writes it.
+
+Formatting, validation and chat templating are vLLM's (``OpenAIServingChat`` /
+``OpenAIServingCompletion``), so responses match ``vllm serve`` by construction.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import Any, AsyncIterator, Literal, Optional
+
+from pdserve.engine.config import ClusterConfig
+from pdserve.engine.stats import LoadTracker, stat_logger_factory
+from pdserve.engine.tiny_model import resolve_model
+
+logger = logging.getLogger("pdserve.engine")
+
+Role = Literal["prefill", "decode", "monolithic"]
+Item = tuple
+
+# Side-channel port offsets keep every engine's NIXL handshake port unique on a node.
+_PORT_OFFSET = {"prefill": 0, "decode": 100, "monolithic": 200}
+
+
+def bind_process_to_cores(cores: Optional[list[int]], omp_threads_env: bool = True) -> None:
+    """Pin this process (and the engine core it will spawn) to ``cores``.
+
+    vLLM's CPU backend otherwise spins OpenMP threads on every core, and two engines
+    on 'auto' binding slowed P/D about 100x on a 2-core machine.
+    """
+    if not cores:
+        return
+    os.sched_setaffinity(0, set(cores))
+    if omp_threads_env:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cores)
+    os.environ["OMP_NUM_THREADS"] = str(len(cores))
+    try:
+        import torch
+
+        torch.set_num_threads(len(cores))
+    except Exception:  # pragma: no cover - torch always present with vLLM
+        pass
+
+
+def side_channel_port(cfg: ClusterConfig, role: Role, index: int) -> int:
+    return cfg.kv_transfer.side_channel_base_port + _PORT_OFFSET[role] + index
+
+
+class EngineServer:
+    def __init__(self, cfg: ClusterConfig, role: Role, index: int) -> None:
+        self.cfg = cfg
+        self.role = role
+        self.index = index
+        self.tracker = LoadTracker()
+        self.engine = None
+        self.host = socket.gethostname()
+        self._chat = None
+        self._completion = None
+        self._models = None
+        self.cores = None
+        if cfg.device == "cpu":
+            pool = cfg.pools()[role]
+            self.cores = pool.cores_for(index)
+        self.kv_port = side_channel_port(cfg, role, index) if role != "monolithic" else None
+
+    # ------------------------------------------------------------------ start-up
+    def _engine_args(self):
+        from vllm.config import KVTransferConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        cfg = self.cfg
+        m = cfg.model
+        pool = cfg.pools()[self.role]
+        model_path = resolve_model(m.path)
+        kv_config = None
+        if self.role != "monolithic":
+            from pdserve.kv_transfer.registry import kv_transfer_config_for
+
+            kv_config = KVTransferConfig(**kv_transfer_config_for(cfg, self.role))
+        return AsyncEngineArgs(
+            model=model_path,
+            tokenizer=model_path,
+            served_model_name=[m.served_name],
+            load_format=m.load_format,
+            dtype=m.dtype,
+            max_model_len=m.max_model_len,
+            block_size=m.block_size,
+            seed=m.seed,
+            tensor_parallel_size=pool.tensor_parallel_size,
+            max_num_seqs=cfg.engine.max_num_seqs,
+            max_num_batched_tokens=cfg.engine.max_num_batched_tokens,
+            enforce_eager=cfg.engine.enforce_eager,
+            enable_prefix_caching=cfg.engine.enable_prefix_caching,
+            gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
+            kv_transfer_config=kv_config,
+            disable_log_stats=False,
+        )
+
+    def _set_env(self) -> None:
+        if self.cfg.device == "cpu":
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.engine.cpu_kv_cache_gib)
+            bind_process_to_cores(self.cores)
+        if self.kv_port is not None:
+            os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(self.kv_port)
+            os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", _node_ip())
+
+    async def start(self) -> None:
+        self._set_env()
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = self._engine_args()
+        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger_factory(self.tracker)])
+        await self._init_serving(args.model)
+        logger.info("%s[%d] engine ready (cores=%s, kv_port=%s)", self.role, self.index, self.cores, self.kv_port)
+
+    async def _init_serving(self, model_path: str) -> None:
+        from starlette.datastructures import State
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+        parser = make_arg_parser(FlexibleArgumentParser())
+        args = parser.parse_args(
+            ["--model", model_path, "--served-model-name", self.cfg.model.served_name, "--enable-prompt-tokens-details"]
+        )
+        state = State()
+        tasks = await self.engine.get_supported_tasks()
+        await init_app_state(self.engine, state, args, tasks)
+        self._chat = state.openai_serving_chat
+        self._completion = state.openai_serving_completion
+        self._models = state.openai_serving_models
+
+    async def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+    # ------------------------------------------------------------------ serving
+    async def handle(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[Item]:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from pydantic import ValidationError
+        from vllm.exceptions import VLLMValidationError
+
+        try:
+            if endpoint == "chat":
+                request = ChatCompletionRequest.model_validate(body)
+                result = await self._chat.create_chat_completion(request, None)
+            elif endpoint == "completions":
+                request = CompletionRequest.model_validate(body)
+                result = await self._completion.create_completion(request, None)
+            else:
+                yield ("error", 404, _error_body(f"unknown endpoint {endpoint!r}", "NotFoundError", 404))
+                return
+        except ValidationError as e:
+            yield ("error", 400, _error_body(_validation_message(e), "BadRequestError", 400))
+            return
+        except (VLLMValidationError, ValueError, TypeError) as e:
+            yield ("error", 400, _error_body(str(e), "BadRequestError", 400))
+            return
+
+        if isinstance(result, ErrorResponse):
+            err = result.error
+            yield ("error", int(err.code), result.model_dump())
+        elif hasattr(result, "model_dump"):
+            yield ("json", result.model_dump(mode="json", exclude_none=False))
+        else:
+            async for chunk in result:
+                yield ("sse", chunk)
+
+    def load(self) -> dict[str, Any]:
+        report = self.tracker.snapshot().to_dict()
+        report.update(role=self.role, index=self.index, cores=self.cores, kv_port=self.kv_port, pid=os.getpid())
+        return report
+
+    async def check_health(self) -> None:
+        if self.engine is None:
+            raise RuntimeError("engine not started")
+        await self.engine.check_health()
+
+
+def _error_body(message: str, type_: str, code: int) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+
+
+def _validation_message(e) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ()))
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    return "; ".join(parts) or str(e)
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except Exception:
+        pass
+    return "127.0.0.1"

@@ -1,0 +1,97 @@
+"""A vLLM stat logger that keeps the engine's latest load and running KV-transfer totals.
+
+vLLM calls ``record`` after every engine step with the scheduler's stats. The router
+reads the resulting ``LoadReport`` to pick replicas; tests read the transfer counters
+to prove that KV really moved.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+
+@dataclass
+class LoadReport:
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    preemptions_total: int = 0
+    # Prompt tokens whose KV came from outside the engine (the KV connector).
+    external_hit_tokens_total: int = 0
+    external_query_tokens_total: int = 0
+    kv_transfers_total: int = 0
+    kv_transfer_bytes_total: int = 0
+    kv_transfer_seconds_total: float = 0.0
+    kv_transfer_failures_total: int = 0
+    kv_expired_total: int = 0
+    steps_total: int = 0
+    updated_at: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_FAILURE_KEYS = ("num_failed_transfers", "num_failed_notifications", "num_failed_handshakes")
+
+
+class LoadTracker:
+    """Shared between the stat-logger instances vLLM creates and the server that reads them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.report = LoadReport()
+
+    def snapshot(self) -> LoadReport:
+        with self._lock:
+            return LoadReport(**asdict(self.report))
+
+    def record(self, scheduler_stats, iteration_stats) -> None:
+        with self._lock:
+            r = self.report
+            r.updated_at = time.time()
+            r.steps_total += 1
+            if iteration_stats is not None:
+                r.preemptions_total += getattr(iteration_stats, "num_preempted_reqs", 0)
+            if scheduler_stats is None:
+                return
+            r.running = scheduler_stats.num_running_reqs
+            r.waiting = scheduler_stats.num_waiting_reqs + getattr(scheduler_stats, "num_skipped_waiting_reqs", 0)
+            r.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
+            ext = scheduler_stats.connector_prefix_cache_stats
+            if ext is not None:
+                r.external_hit_tokens_total += ext.hits
+                r.external_query_tokens_total += ext.queries
+            self._add_connector_stats(r, scheduler_stats.kv_connector_stats)
+
+    @staticmethod
+    def _add_connector_stats(r: LoadReport, stats: dict[str, Any] | None) -> None:
+        if not stats:
+            return
+        # NIXL reports {"transfer_duration": [...], "bytes_transferred": [...], ...};
+        # multi-connector setups nest one such dict per connector.
+        groups = [stats] if "bytes_transferred" in stats else [v for v in stats.values() if isinstance(v, dict)]
+        for g in groups:
+            durations = g.get("transfer_duration") or []
+            r.kv_transfers_total += len(durations)
+            r.kv_transfer_seconds_total += float(sum(durations))
+            r.kv_transfer_bytes_total += int(sum(g.get("bytes_transferred") or []))
+            r.kv_transfer_failures_total += int(sum(sum(g.get(k) or []) for k in _FAILURE_KEYS))
+            r.kv_expired_total += int(sum(g.get("num_kv_expired_reqs") or []))
+
+
+def stat_logger_factory(tracker: LoadTracker):
+    class _PdserveLoadLogger(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            self.engine_index = engine_index
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            tracker.record(scheduler_stats, iteration_stats)
+
+        def log_engine_initialized(self):
+            pass
+
+    return _PdserveLoadLogger
