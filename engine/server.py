@@ -107,6 +107,9 @@ class EngineServer:
         )
 
     def _set_env(self) -> None:
+        guard = os.path.join(os.path.dirname(__file__), "child_guard")
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (guard, os.environ.get("PYTHONPATH")) if p)
+        os.environ["PDSERVE_DIE_WITH_PARENT"] = "1"
         if self.cfg.device == "cpu":
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.engine.cpu_kv_cache_gib)
             bind_process_to_cores(self.cores)

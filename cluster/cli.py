@@ -1,0 +1,146 @@
+"""The ``pdserve`` command: serve a config, show its status, build the tiny model."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+
+def _cmd_model(args) -> int:
+    from pdserve.engine.tiny_model import write_tiny_model
+
+    if args.name != "tiny":
+        print(f"pdserve model: unknown model {args.name!r}; available: tiny", file=sys.stderr)
+        return 2
+    out = write_tiny_model(args.out)
+    print(f"wrote the tiny model to {out}")
+    return 0
+
+
+def _wait_ready(url: str, timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    last = None
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except Exception as e:  # not up yet
+            last = e
+        time.sleep(1)
+    raise TimeoutError(f"cluster did not become healthy at {url} within {timeout_s:.0f}s (last: {last!r})")
+
+
+def start_cluster(cfg, port: int | None = None, address: str | None = None, host: str | None = None) -> str:
+    """Start (or join) Ray, deploy ``cfg``, wait until healthy; return the base URL."""
+    import ray
+    from ray import serve
+
+    from pdserve.cluster.builder import build_app, cpus_needed
+
+    host = host or cfg.router.host
+    port = port or cfg.router.port
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed(cfg)), include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(cfg), name=cfg.name, route_prefix="/", blocking=False)
+    url = f"http://{host}:{port}"
+    _wait_ready(url, timeout_s=600)
+    return url
+
+
+def stop_cluster() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def _cmd_serve(args) -> int:
+    from pdserve.engine.config import load_config
+
+    try:
+        cfg = load_config(args.config)
+    except Exception as e:
+        print(f"pdserve serve: bad config {args.config}: {e}", file=sys.stderr)
+        return 2
+    url = start_cluster(cfg, port=args.port, address=args.address)
+    # Installed after ray.init, which sets handlers of its own.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"pdserve: {cfg.mode} cluster {cfg.name!r} listening on {url} (OpenAI API at {url}/v1)", flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        print("pdserve: shutting down", flush=True)
+        stop_cluster()
+    return 0
+
+
+def _cmd_status(args) -> int:
+    url = args.url
+    if url is None:
+        from pdserve.engine.config import load_config
+
+        cfg = load_config(args.config)
+        url = f"http://{cfg.router.host}:{cfg.router.port}"
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/pdserve/status", timeout=10) as r:
+            status = json.load(r)
+    except (urllib.error.URLError, OSError) as e:
+        print(f"pdserve status: cannot reach {url}: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"cluster {status['name']}  mode={status['mode']}  transport={status['transport']}")
+    for pool, replicas in status["pools"].items():
+        print(f"  pool {pool}: {len(replicas)} replica(s)")
+        for r in replicas:
+            print(f"    {r['replica']:<12} healthy={r['healthy']!s:<5} running={r['running']} waiting={r['waiting']} "
+                  f"kv={r['kv_cache_usage'] or 0:.3f} inflight={r['inflight']} cores={r['cores']} pid={r['pid']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode serving on Ray Serve + vLLM")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="start a cluster from a config and serve until SIGINT/SIGTERM")
+    s.add_argument("--config", required=True)
+    s.add_argument("--port", type=int, default=None)
+    s.add_argument("--address", default=None, help="join an existing Ray cluster (default: start a local one)")
+    s.set_defaults(fn=_cmd_serve)
+
+    st = sub.add_parser("status", help="show pools, replicas and their load")
+    g = st.add_mutually_exclusive_group(required=True)
+    g.add_argument("--url")
+    g.add_argument("--config")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=_cmd_status)
+
+    m = sub.add_parser("model", help="write a built-in model directory")
+    m.add_argument("name", help="built-in model name (tiny)")
+    m.add_argument("--out", required=True)
+    m.set_defaults(fn=_cmd_model)
+
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

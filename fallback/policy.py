@@ -1,0 +1,28 @@
+"""Which failures of the P/D path are served by monolithic fallback, and under what name.
+
+The action is always the same: send the untouched request to a healthy decode engine
+without ``kv_transfer_params``, so it runs a full local prefill (decode engines hold
+full weights). Before the first token this is invisible to the client apart from the
+``x-pdserve-path: fallback`` and ``x-pdserve-fallback-cause`` headers.
+"""
+from __future__ import annotations
+
+import enum
+
+
+class FallbackCause(str, enum.Enum):
+    NO_PREFILL_REPLICA = "no_prefill_replica"
+    PREFILL_ERROR = "prefill_error"
+    PREFILL_TIMEOUT = "prefill_timeout"
+    NO_KV_PARAMS = "prefill_returned_no_kv_params"
+
+
+def classify_prefill_failure(exc: BaseException | None = None, status: int | None = None) -> FallbackCause:
+    """Map what went wrong on the prefill leg to a cause.
+
+    A 4xx from prefill is the client's fault and is never passed here: the router
+    returns it as it is, because a monolithic engine would reject it the same way.
+    """
+    if isinstance(exc, TimeoutError):
+        return FallbackCause.PREFILL_TIMEOUT
+    return FallbackCause.PREFILL_ERROR

@@ -1,0 +1,276 @@
+"""The OpenAI-compatible front door: validates, picks a prefill/decode pair, runs both legs.
+
+P/D flow for one request:
+1. check the body (router/protocol.py) and pick a prefill and a decode replica
+   (router/selection.py);
+2. prefill leg: the same body with ``max_tokens=1`` and ``do_remote_decode``; the
+   engine keeps the prompt's KV and answers with ``kv_transfer_params``;
+3. decode leg: the original body plus those params; the decode engine pulls the KV
+   (NIXL or gRPC, the router does not care) and streams tokens back to the client.
+A prefill failure or timeout sends the request to a decode engine whole (fallback).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from ray import serve
+
+from pdserve.engine.config import ClusterConfig
+from pdserve.engine.tiny_model import resolve_model
+from pdserve.fallback.policy import FallbackCause, classify_prefill_failure
+from pdserve.kv_transfer.registry import prefill_request_params
+from pdserve.router.metrics import RouterMetrics
+from pdserve.router.pools import Pool
+from pdserve.router.protocol import ApiError, CheckedRequest, RequestChecker, error_body, parse_json_body
+from pdserve.router.selection import least_loaded
+
+logger = logging.getLogger("pdserve.router")
+
+app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
+
+_PREFILL_DROP = ("stream_options", "max_completion_tokens", "logprobs", "top_logprobs", "n")
+
+
+# Defined before the ingress class: serve.ingress captures the module's names as they
+# stand when the class is decorated.
+def _carries_token(chunk: str) -> bool:
+    if chunk.startswith("data: [DONE]"):
+        return False
+    return '"content":"' in chunk.replace('"content":""', "") or '"text":"' in chunk.replace('"text":""', "")
+
+
+class _Leg:
+    """One engine call: its stream of items, the replica serving it, and cleanup."""
+
+    def __init__(self, pool: Pool, replica_id: Optional[str], endpoint: str, body: dict[str, Any]):
+        self.pool = pool
+        self.replica_id = replica_id
+        self.gen = pool.stream(replica_id, endpoint, body)
+        self.served_by: Optional[str] = None
+
+    async def next_item(self) -> Optional[tuple]:
+        """The next non-meta item, or None at the end of the stream."""
+        async for item in self.gen:
+            if item[0] == "meta":
+                self.served_by = item[1]["replica"]
+                continue
+            return item
+        return None
+
+    def cancel(self) -> None:
+        try:
+            self.gen.cancel()
+        except Exception:
+            pass
+
+
+@serve.ingress(app)
+class RouterServer:
+    async def __init__(self, config: dict[str, Any], prefill=None, decode=None, monolithic=None) -> None:
+        self.cfg = ClusterConfig.model_validate(config)
+        self.mode = self.cfg.mode
+        self.pools: dict[str, Pool] = {}
+        for name, handle in (("prefill", prefill), ("decode", decode), ("monolithic", monolithic)):
+            if handle is not None:
+                self.pools[name] = Pool(name, handle)
+        self.prefill_pick = least_loaded()
+        self.decode_pick = least_loaded(kv_headroom=self.cfg.router.decode_kv_headroom)
+        self.checker = RequestChecker(self.cfg.model.served_name, resolve_model(self.cfg.model.path),
+                                      self.cfg.model.max_model_len)
+        self.metrics = RouterMetrics()
+        self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+        await self._refresh()
+
+    # ------------------------------------------------------------------ load polling
+    async def _refresh(self) -> None:
+        for pool in self.pools.values():
+            try:
+                await pool.refresh()
+            except Exception as e:  # a pool that cannot be reached is simply unhealthy
+                pool.last_error = repr(e)
+                logger.warning("load poll of %s failed: %r", pool.name, e)
+                for st in pool.replicas.values():
+                    st.healthy = False
+            for st in pool.replicas.values():
+                self.metrics.replica_kv.labels(pool.name, st.replica_id).set(st.load.get("kv_cache_usage", 0.0))
+                self.metrics.replica_running.labels(pool.name, st.replica_id).set(st.load.get("running", 0))
+                self.metrics.replica_waiting.labels(pool.name, st.replica_id).set(st.load.get("waiting", 0))
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.router.load_poll_interval_s)
+            await self._refresh()
+
+    # ------------------------------------------------------------------ endpoints
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._serve("chat", request)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._serve("completions", request)
+
+    @app.get("/v1/models")
+    async def models(self):
+        m = self.cfg.model
+        return {"object": "list", "data": [{
+            "id": m.served_name, "object": "model", "created": 0, "owned_by": "pdserve",
+            "root": m.path, "parent": None, "max_model_len": m.max_model_len,
+        }]}
+
+    @app.get("/health")
+    async def health(self):
+        missing = [n for n, p in self.pools.items() if not any(s.healthy for s in p.replicas.values())]
+        if missing:
+            return JSONResponse({"status": "unhealthy", "pools_without_healthy_replica": missing}, status_code=503)
+        return {"status": "ok", "mode": self.mode}
+
+    @app.get("/metrics")
+    async def metrics(self):
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/pdserve/status")
+    async def status(self):
+        return {"name": self.cfg.name, "mode": self.mode, "transport": self.cfg.kv_transfer.transport,
+                "pools": {n: p.status() for n, p in self.pools.items()},
+                "poll_errors": {n: p.last_error for n, p in self.pools.items() if p.last_error}}
+
+    # ------------------------------------------------------------------ serving
+    async def _serve(self, endpoint: str, request: Request):
+        t0 = time.perf_counter()
+        try:
+            raw = await request.body()
+            body = parse_json_body(raw, self.cfg.router.max_body_bytes)
+            checked = self.checker.check(endpoint, body)
+        except ApiError as e:
+            self.metrics.requests.labels("none", endpoint, str(e.status)).inc()
+            return JSONResponse(e.body(), status_code=e.status)
+        self.metrics.inflight.inc()
+        handed_off = False
+        try:
+            headers: dict[str, str] = {}
+            if self.mode == "monolithic":
+                path = "monolithic"
+                pool = self.pools["monolithic"]
+                pick = self.decode_pick.pick(pool.candidates())
+                leg = _Leg(pool, pick.replica_id if pick else None, endpoint, body)
+            else:
+                path, leg, early = await self._pd_legs(endpoint, checked, headers)
+                if early is not None:
+                    return early
+            headers["x-pdserve-path"] = path
+            response = await self._respond(endpoint, path, leg, checked, headers, t0)
+            handed_off = isinstance(response, StreamingResponse)
+            return response
+        finally:
+            if not handed_off:
+                self.metrics.inflight.dec()
+
+    async def _pd_legs(self, endpoint: str, checked: CheckedRequest, headers: dict[str, str]):
+        """Run the prefill leg; return (path, decode leg, early error response or None)."""
+        prefill, decode = self.pools["prefill"], self.pools["decode"]
+        p = self.prefill_pick.pick(prefill.candidates())
+        d = self.decode_pick.pick(decode.candidates())
+        d_id = d.replica_id if d else None
+        cause: Optional[FallbackCause] = None
+        kv_params = None
+        if p is None:
+            cause = FallbackCause.NO_PREFILL_REPLICA
+        else:
+            headers["x-pdserve-prefill-replica"] = p.replica_id
+            pbody = {k: v for k, v in checked.body.items() if k not in _PREFILL_DROP}
+            pbody.update(max_tokens=1, stream=False, kv_transfer_params=prefill_request_params())
+            t = time.perf_counter()
+            leg = _Leg(prefill, p.replica_id, endpoint, pbody)
+            try:
+                with prefill.track(p.replica_id):
+                    item = await asyncio.wait_for(leg.next_item(), self.cfg.router.prefill_timeout_s)
+            except (Exception, asyncio.TimeoutError) as e:
+                leg.cancel()
+                item = None
+                cause = classify_prefill_failure(e if not isinstance(e, asyncio.TimeoutError) else TimeoutError())
+                logger.warning("prefill leg on %s failed: %r", p.replica_id, e)
+            else:
+                self.metrics.prefill_leg.observe(time.perf_counter() - t)
+            if item is not None and item[0] == "error":
+                status = item[1]
+                if 400 <= status < 500:
+                    self.metrics.requests.labels("pd", endpoint, str(status)).inc()
+                    return "pd", None, JSONResponse(item[2], status_code=status, headers=headers)
+                cause = classify_prefill_failure(status=status)
+            elif item is not None:
+                kv_params = item[1].get("kv_transfer_params")
+                if not kv_params:
+                    cause = FallbackCause.NO_KV_PARAMS
+        if cause is not None:
+            self.metrics.fallbacks.labels(cause.value).inc()
+            headers["x-pdserve-fallback-cause"] = cause.value
+            return "fallback", _Leg(decode, d_id, endpoint, checked.body), None
+        dbody = dict(checked.body, kv_transfer_params=kv_params)
+        return "pd", _Leg(decode, d_id, endpoint, dbody), None
+
+    async def _respond(self, endpoint, path, leg: _Leg, checked: CheckedRequest, headers, t0):
+        with leg.pool.track(leg.replica_id):
+            try:
+                first = await asyncio.wait_for(leg.next_item(), self.cfg.router.request_timeout_s)
+            except (Exception, asyncio.TimeoutError) as e:
+                leg.cancel()
+                logger.exception("engine call failed")
+                self.metrics.requests.labels(path, endpoint, "503").inc()
+                return JSONResponse(error_body(503, f"engine unavailable: {e!r}", "ServiceUnavailableError"),
+                                    status_code=503, headers=headers)
+        if leg.served_by:
+            headers[f"x-pdserve-{'decode' if leg.pool.name == 'decode' else 'engine'}-replica"] = leg.served_by
+        if first is None:
+            self.metrics.requests.labels(path, endpoint, "502").inc()
+            return JSONResponse(error_body(502, "engine returned no response", "BadGatewayError"),
+                                status_code=502, headers=headers)
+        kind = first[0]
+        if kind == "error":
+            self.metrics.requests.labels(path, endpoint, str(first[1])).inc()
+            return JSONResponse(first[2], status_code=first[1], headers=headers)
+        if kind == "json":
+            e2e = time.perf_counter() - t0
+            self.metrics.e2e.labels(path).observe(e2e)
+            self.metrics.requests.labels(path, endpoint, "200").inc()
+            return JSONResponse(first[1], headers=headers)
+        return StreamingResponse(self._stream(endpoint, path, leg, first[1], t0), media_type="text/event-stream",
+                                 headers=headers)
+
+    async def _stream(self, endpoint, path, leg: _Leg, first_chunk: str, t0: float) -> AsyncIterator[str]:
+        ttft = None
+        last = None
+        tokens = 0
+        completed = False
+        try:
+            with leg.pool.track(leg.replica_id):
+                chunk: Optional[str] = first_chunk
+                while chunk is not None:
+                    if _carries_token(chunk):
+                        now = time.perf_counter()
+                        if ttft is None:
+                            ttft = now - t0
+                        tokens += 1
+                        last = now
+                    yield chunk
+                    item = await leg.next_item()
+                    chunk = item[1] if item is not None else None
+            completed = True
+        finally:
+            if not completed:
+                leg.cancel()  # client went away: abort the engine request
+            self.metrics.inflight.dec()
+            self.metrics.requests.labels(path, endpoint, "200" if completed else "499").inc()
+            if ttft is not None:
+                self.metrics.ttft.labels(path).observe(ttft)
+                self.metrics.e2e.labels(path).observe(last - t0)
+                if tokens > 1:
+                    self.metrics.tpot.labels(path).observe((last - t0 - ttft) / (tokens - 1))
+

@@ -1,0 +1,100 @@
+"""The router's view of one engine pool: its live replicas, their load, our in-flight calls."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Optional
+
+from pdserve.router.selection import Candidate
+from pdserve.router.targeting import POOL_VIEWS, TARGET_KWARG
+
+logger = logging.getLogger("pdserve.router")
+
+
+@dataclass
+class ReplicaState:
+    replica_id: str
+    load: dict[str, Any] = field(default_factory=dict)
+    inflight: int = 0
+    healthy: bool = True
+    last_ok: float = 0.0
+    failures: int = 0
+
+
+class Pool:
+    def __init__(self, name: str, handle, poll_timeout_s: float = 2.0) -> None:
+        self.name = name
+        self.handle = handle
+        self.deployment = handle.deployment_name
+        self.poll_timeout_s = poll_timeout_s
+        self.replicas: dict[str, ReplicaState] = {}
+        self.last_error: Optional[str] = None
+
+    async def refresh(self) -> None:
+        view = POOL_VIEWS.get(self.deployment)
+        if view is None:
+            # The first call through the handle creates its request router (and view).
+            await asyncio.wait_for(self.handle.load.remote(), self.poll_timeout_s)
+            view = POOL_VIEWS.get(self.deployment)
+            if view is None:
+                return
+        ids = view.live_replica_ids()
+        self.last_error = None
+        for gone in set(self.replicas) - set(ids):
+            del self.replicas[gone]
+        results = await asyncio.gather(
+            *(asyncio.wait_for(self.handle.load.remote(**{TARGET_KWARG: rid}), self.poll_timeout_s) for rid in ids),
+            return_exceptions=True,
+        )
+        now = time.time()
+        for rid, res in zip(ids, results):
+            st = self.replicas.setdefault(rid, ReplicaState(rid))
+            if isinstance(res, BaseException) or res.get("replica") != rid:
+                st.healthy = False
+                st.failures += 1
+            else:
+                st.load = res
+                st.healthy = True
+                st.failures = 0
+                st.last_ok = now
+
+    def candidates(self) -> list[Candidate]:
+        return [
+            Candidate(
+                replica_id=st.replica_id,
+                pool=self.name,
+                healthy=st.healthy,
+                running=int(st.load.get("running", 0)),
+                waiting=int(st.load.get("waiting", 0)),
+                kv_cache_usage=float(st.load.get("kv_cache_usage", 0.0)),
+                inflight=st.inflight,
+            )
+            for st in self.replicas.values()
+        ]
+
+    @contextmanager
+    def track(self, replica_id: Optional[str]):
+        st = self.replicas.get(replica_id) if replica_id else None
+        if st is not None:
+            st.inflight += 1
+        try:
+            yield
+        finally:
+            if st is not None:
+                st.inflight -= 1
+
+    def stream(self, replica_id: Optional[str], endpoint: str, body: dict[str, Any]) -> AsyncIterator[tuple]:
+        kwargs = {TARGET_KWARG: replica_id} if replica_id else {}
+        return self.handle.options(stream=True).generate.remote(endpoint, body, **kwargs)
+
+    def status(self) -> list[dict[str, Any]]:
+        out = []
+        for st in self.replicas.values():
+            load = {k: st.load.get(k) for k in ("running", "waiting", "kv_cache_usage", "cores", "pid", "kv_port",
+                                                "kv_transfers_total", "kv_transfer_bytes_total",
+                                                "external_hit_tokens_total", "preemptions_total")}
+            out.append({"replica": st.replica_id, "healthy": st.healthy, "inflight": st.inflight, **load})
+        return out

@@ -1,0 +1,120 @@
+"""Request checks the router makes before any engine work, with OpenAI-style errors.
+
+vLLM's engines validate again (their messages reach the client unchanged); checking
+here first means a bad request never reserves prefill KV blocks it would strand.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "BadRequestError", param: Optional[str] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, self.type, self.param)
+
+
+def error_body(status: int, message: str, type_: str, param: Optional[str] = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
+
+
+def parse_json_body(raw: bytes, max_bytes: int) -> dict[str, Any]:
+    if len(raw) > max_bytes:
+        raise ApiError(413, f"request body is {len(raw)} bytes; the limit is {max_bytes}", "RequestTooLargeError")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}")
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return body
+
+
+@dataclass
+class CheckedRequest:
+    body: dict[str, Any]
+    prompt_tokens: int
+    max_tokens: int
+    stream: bool
+
+
+class RequestChecker:
+    """Validates bodies against vLLM's own request models, the model name and the context."""
+
+    def __init__(self, served_name: str, model_path: str, max_model_len: int) -> None:
+        from transformers import AutoTokenizer
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+        self.served_name = served_name
+        self.max_model_len = max_model_len
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self._models = {"chat": ChatCompletionRequest, "completions": CompletionRequest}
+
+    def check(self, endpoint: str, body: dict[str, Any]) -> CheckedRequest:
+        from pydantic import ValidationError
+
+        model = body.get("model", self.served_name)
+        if model is not None and model != self.served_name:
+            raise ApiError(404, f"The model `{model}` does not exist. Valid aliases: {self.served_name}.",
+                           "NotFoundError", "model")
+        if endpoint == "chat":
+            msgs = body.get("messages")
+            if not isinstance(msgs, list) or not msgs:
+                raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+        elif "prompt" not in body:
+            raise ApiError(400, "'prompt' is required", param="prompt")
+        try:
+            req = self._models[endpoint].model_validate(body)
+        except ValidationError as e:
+            raise ApiError(400, _validation_message(e))
+        max_tokens = req.max_completion_tokens if endpoint == "chat" and req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is not None and max_tokens < 1:
+            raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        if getattr(req, "n", 1) not in (None, 1):
+            raise ApiError(400, "only n=1 is supported", param="n")
+        prompt_tokens = self._count_prompt(endpoint, body)
+        if prompt_tokens >= self.max_model_len:
+            raise ApiError(400, f"the prompt has {prompt_tokens} tokens; this model's context is {self.max_model_len}",
+                           param="messages" if endpoint == "chat" else "prompt")
+        if max_tokens is None:
+            max_tokens = self.max_model_len - prompt_tokens
+        elif prompt_tokens + max_tokens > self.max_model_len:
+            raise ApiError(400, f"prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds this "
+                                f"model's context of {self.max_model_len} tokens", param="max_tokens")
+        return CheckedRequest(body=body, prompt_tokens=prompt_tokens, max_tokens=max_tokens, stream=bool(req.stream))
+
+    def _count_prompt(self, endpoint: str, body: dict[str, Any]) -> int:
+        if endpoint == "chat":
+            try:
+                ids = self.tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=True)
+            except Exception as e:  # jinja raises for unknown roles and malformed content
+                raise ApiError(400, f"cannot apply the chat template: {e}", param="messages")
+            if isinstance(ids, dict):
+                ids = ids["input_ids"]
+            return len(ids)
+        prompt = body["prompt"]
+        if isinstance(prompt, str):
+            return len(self.tokenizer.encode(prompt, add_special_tokens=True))
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            return len(prompt)
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            return len(self.tokenizer.encode(prompt[0], add_special_tokens=True))
+        raise ApiError(400, "'prompt' must be a string, a list of token ids, or a one-element list of strings",
+                       param="prompt")
+
+
+def _validation_message(e) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ()))
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    return "; ".join(parts) or str(e)
