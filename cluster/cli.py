@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -23,51 +22,6 @@ def _cmd_model(args) -> int:
     return 0
 
 
-def _wait_ready(url: str, timeout_s: float) -> None:
-    deadline = time.time() + timeout_s
-    last = None
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except Exception as e:  # not up yet
-            last = e
-        time.sleep(1)
-    raise TimeoutError(f"cluster did not become healthy at {url} within {timeout_s:.0f}s (last: {last!r})")
-
-
-def start_cluster(cfg, port: int | None = None, address: str | None = None, host: str | None = None) -> str:
-    """Start (or join) Ray, deploy ``cfg``, wait until healthy; return the base URL."""
-    import ray
-    from ray import serve
-
-    from pdserve.cluster.builder import build_app, cpus_needed
-
-    host = host or cfg.router.host
-    port = port or cfg.router.port
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed(cfg)), include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(cfg), name=cfg.name, route_prefix="/", blocking=False)
-    url = f"http://{host}:{port}"
-    _wait_ready(url, timeout_s=600)
-    return url
-
-
-def stop_cluster() -> None:
-    import ray
-    from ray import serve
-
-    try:
-        serve.shutdown()
-    finally:
-        ray.shutdown()
-
-
 def _cmd_serve(args) -> int:
     from pdserve.engine.config import load_config
 
@@ -76,6 +30,8 @@ def _cmd_serve(args) -> int:
     except Exception as e:
         print(f"pdserve serve: bad config {args.config}: {e}", file=sys.stderr)
         return 2
+    from pdserve.cluster.runtime import start_cluster, stop_cluster
+
     url = start_cluster(cfg, port=args.port, address=args.address)
     # Installed after ray.init, which sets handlers of its own.
     stop = threading.Event()
@@ -116,6 +72,12 @@ def _cmd_status(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from pdserve.cluster.demo import run_demo
+
+    return run_demo(args.config, args.port, args.exit)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode serving on Ray Serve + vLLM")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -125,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--port", type=int, default=None)
     s.add_argument("--address", default=None, help="join an existing Ray cluster (default: start a local one)")
     s.set_defaults(fn=_cmd_serve)
+
+    d = sub.add_parser("demo", help="start a cluster, send a streamed and a non-streamed chat with the openai client")
+    d.add_argument("--config", default="configs/cpu-pd.yaml")
+    d.add_argument("--port", type=int, default=None)
+    d.add_argument("--exit", action="store_true", help="stop after the demo requests instead of serving on")
+    d.set_defaults(fn=_cmd_demo)
 
     st = sub.add_parser("status", help="show pools, replicas and their load")
     g = st.add_mutually_exclusive_group(required=True)

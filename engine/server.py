@@ -40,7 +40,15 @@ def bind_process_to_cores(cores: Optional[list[int]], omp_threads_env: bool = Tr
     """
     if not cores:
         return
+    # sched_setaffinity acts per thread, and a Ray replica runs user code off its main
+    # thread: pin every thread of the process (children inherit from the caller).
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), set(cores))
+        except (ProcessLookupError, PermissionError):
+            pass
     os.sched_setaffinity(0, set(cores))
+    os.environ["PDSERVE_CORE_SET"] = ",".join(str(c) for c in cores)
     if omp_threads_env:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cores)
     os.environ["OMP_NUM_THREADS"] = str(len(cores))

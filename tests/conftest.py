@@ -1,0 +1,70 @@
+"""One real cluster per test session, shared by every test marked ``cluster``.
+
+It is one local Ray cluster with two Ray Serve applications built from the shipped
+configs: the P/D app from configs/cpu-pd.yaml at ``/`` and a one-replica monolithic
+app (configs/cpu-monolithic.yaml, shrunk to one engine) at ``/mono``. Both load the
+built-in tiny model with the same seeded dummy weights, so greedy outputs must agree.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Clusters:
+    base: str  # http://127.0.0.1:PORT
+    pd_cfg: object
+    mono_cfg: object
+
+    @property
+    def pd_url(self) -> str:
+        return self.base
+
+    @property
+    def mono_url(self) -> str:
+        return self.base + "/mono"
+
+
+@pytest.fixture(scope="session")
+def clusters():
+    from pdserve.cluster import runtime
+    from pdserve.engine.config import load_config
+
+    pd_cfg = load_config(CONFIGS / "cpu-pd.yaml")
+    mono_cfg = load_config(CONFIGS / "cpu-monolithic.yaml")
+    mono_cfg = mono_cfg.model_copy(update={
+        "name": "mono",
+        "monolithic": mono_cfg.monolithic.model_copy(update={"replicas": 1, "cpu_cores": ["0"]}),
+    })
+    port = int(os.environ.get("PDSERVE_TEST_PORT") or _free_port())
+    # Ray counts logical CPUs; the two apps share the two cores by design (tests run one at a time).
+    runtime.start_ray(num_cpus=3)
+    runtime.start_serve("127.0.0.1", port)
+    runtime.deploy(pd_cfg, app_name="pd", route_prefix="/")
+    runtime.deploy(mono_cfg, app_name="mono", route_prefix="/mono")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        runtime.wait_ready(base, timeout_s=900)
+        runtime.wait_ready(base + "/mono", timeout_s=900)
+        yield Clusters(base, pd_cfg, mono_cfg)
+    finally:
+        runtime.stop_cluster()
+
+
+def pytest_collection_modifyitems(config, items):
+    # Cluster tests last, so a broken cluster start never hides the unit-test results.
+    items.sort(key=lambda it: 1 if it.get_closest_marker("cluster") else 0)

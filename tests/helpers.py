@@ -1,0 +1,50 @@
+"""Small HTTP helpers shared by the cluster tests."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+TIMEOUT = httpx.Timeout(300.0, connect=10.0)
+
+
+def chat_body(content: str, max_tokens: int = 16, **extra: Any) -> dict[str, Any]:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    body.update(extra)
+    return body
+
+
+def post(url: str, path: str, body: Any = None, raw: bytes | None = None, headers=None) -> httpx.Response:
+    with httpx.Client(timeout=TIMEOUT) as c:
+        if raw is not None:
+            return c.post(url + path, content=raw, headers=headers or {"content-type": "application/json"})
+        return c.post(url + path, json=body, headers=headers)
+
+
+def status(url: str) -> dict[str, Any]:
+    with httpx.Client(timeout=TIMEOUT) as c:
+        r = c.get(url + "/pdserve/status")
+        r.raise_for_status()
+        return r.json()
+
+
+def pool_totals(url: str, pool: str, key: str) -> float:
+    return sum(r[key] or 0 for r in status(url)["pools"][pool])
+
+
+def stream_chat(url: str, body: dict[str, Any]) -> tuple[httpx.Response, list[dict[str, Any]]]:
+    """Stream a chat completion; return the response and the parsed SSE chunks."""
+    chunks = []
+    with httpx.Client(timeout=TIMEOUT) as c:
+        with c.stream("POST", url + "/v1/chat/completions", json=dict(body, stream=True)) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[len("data: "):]
+                if data == "[DONE]":
+                    chunks.append({"done": True})
+                    break
+                chunks.append(json.loads(data))
+    return r, chunks

@@ -1,0 +1,124 @@
+"""The P/D cluster on real vLLM engines: KV really moves, and output equals monolithic."""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from helpers import chat_body, pool_totals, post, status, stream_chat
+
+pytestmark = pytest.mark.cluster
+
+_WORDS = ("prefill decode cache block transfer engine router replica request latency throughput goodput "
+          "stream queue budget tenant priority cluster fallback link").split()
+
+
+def _prompt(i: int, n_words: int) -> str:
+    words = [_WORDS[(i * 7 + k * 3) % len(_WORDS)] for k in range(n_words)]
+    return f"Request {i}: " + " ".join(words)
+
+
+# 24 prompts from a few tokens to ~20 blocks of 32 tokens.
+PROMPT_WORDS = [1, 2, 4, 8, 12, 16, 20, 28, 36, 48, 64, 80, 100, 128, 160, 200, 240, 300, 360, 420, 480, 520, 560, 600]
+
+
+def _token_ids(resp) -> list[int]:
+    assert resp.status_code == 200, resp.text
+    return resp.json()["choices"][0]["token_ids"]
+
+
+def test_pd_greedy_output_equals_monolithic_and_kv_moved(clusters):
+    prompts = [_prompt(i, n) for i, n in enumerate(PROMPT_WORDS)]
+    hits_before = pool_totals(clusters.pd_url, "decode", "external_hit_tokens_total")
+    bytes_before = pool_totals(clusters.pd_url, "decode", "kv_transfer_bytes_total")
+    transfers_before = pool_totals(clusters.pd_url, "decode", "kv_transfers_total")
+
+    pd, prompt_tokens = [], []
+    for p in prompts:
+        r = post(clusters.pd_url, "/v1/chat/completions", chat_body(p))
+        assert r.headers["x-pdserve-path"] == "pd", r.headers
+        pd.append(_token_ids(r))
+        prompt_tokens.append(r.json()["usage"]["prompt_tokens"])
+    mono = []
+    for p in prompts:
+        r = post(clusters.mono_url, "/v1/chat/completions", chat_body(p))
+        assert r.headers["x-pdserve-path"] == "monolithic"
+        mono.append(_token_ids(r))
+
+    assert min(prompt_tokens) < 32 < 16 * 32 < max(prompt_tokens)  # one block to many
+    for i, (a, b) in enumerate(zip(pd, mono)):
+        assert len(a) == 16
+        assert a == b, f"prompt {i} ({prompt_tokens[i]} tokens): P/D {a} != monolithic {b}"
+
+    # Proof that decode loaded the prompts' KV from prefill instead of recomputing it:
+    # its connector reported the prompt tokens as external hits and moved the bytes.
+    hits = pool_totals(clusters.pd_url, "decode", "external_hit_tokens_total") - hits_before
+    moved = pool_totals(clusters.pd_url, "decode", "kv_transfer_bytes_total") - bytes_before
+    transfers = pool_totals(clusters.pd_url, "decode", "kv_transfers_total") - transfers_before
+    assert hits >= sum(n - 1 for n in prompt_tokens), (hits, prompt_tokens)
+    assert transfers >= len(prompts)
+    kv_bytes_per_token = 2 * 2 * 64 * 2 * 2  # layers x kv heads x head_dim x (K,V) x bf16
+    assert moved >= sum((n - 1) // 32 * 32 for n in prompt_tokens) * kv_bytes_per_token
+
+
+def test_streamed_pd_equals_non_streamed(clusters):
+    body = chat_body(_prompt(99, 40), max_tokens=12)
+    r, chunks = stream_chat(clusters.pd_url, body)
+    assert r.status_code == 200 and r.headers["x-pdserve-path"] == "pd"
+    assert chunks[-1] == {"done": True}
+    streamed = [t for c in chunks[:-1] for ch in c["choices"] for t in (ch.get("token_ids") or [])]
+    assert streamed == _token_ids(post(clusters.mono_url, "/v1/chat/completions", body))
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_completions_endpoint_pd_equals_monolithic(clusters):
+    body = {"model": "tiny", "prompt": _prompt(7, 90), "max_tokens": 10, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    a = post(clusters.pd_url, "/v1/completions", body)
+    b = post(clusters.mono_url, "/v1/completions", body)
+    assert a.headers["x-pdserve-path"] == "pd"
+    assert a.json()["choices"][0]["token_ids"] == b.json()["choices"][0]["token_ids"]
+
+
+def test_concurrent_requests_all_served_by_pd(clusters):
+    bodies = [chat_body(_prompt(200 + i, 10 + 7 * i), max_tokens=8) for i in range(12)]
+    with ThreadPoolExecutor(8) as ex:
+        rs = list(ex.map(lambda b: post(clusters.pd_url, "/v1/chat/completions", b), bodies))
+    assert [r.status_code for r in rs] == [200] * len(bodies)
+    assert {r.headers["x-pdserve-path"] for r in rs} == {"pd"}
+
+
+def _allowed_cores(pid: int) -> set[int]:
+    return set(os.sched_getaffinity(pid))
+
+
+def test_prefill_and_decode_run_on_disjoint_cores(clusters):
+    import psutil
+
+    pools = status(clusters.pd_url)["pools"]
+    owned = {}
+    for pool in ("prefill", "decode"):
+        (rep,) = pools[pool]
+        proc = psutil.Process(rep["pid"])
+        engine_procs = [proc] + proc.children(recursive=True)
+        names = [p.name() for p in engine_procs]
+        assert any("EngineCore" in n for n in names), names  # the vLLM engine core is there
+        cores = set()
+        for p in engine_procs:
+            for t in p.threads():
+                cores |= _allowed_cores(t.id)
+        assert cores == set(rep["cores"]), (pool, cores, rep["cores"])
+        owned[pool] = cores
+        # vLLM's OpenMP threads are bound to the replica's cores, not 'auto'.
+        engine_core = next(p for p in engine_procs if "EngineCore" in p.name())
+        assert engine_core.environ().get("VLLM_CPU_OMP_THREADS_BIND") == ",".join(map(str, rep["cores"]))
+    assert owned["prefill"].isdisjoint(owned["decode"])
+
+
+def test_status_cli(clusters, capsys):
+    from pdserve.cluster.cli import main
+
+    assert main(["status", "--url", clusters.pd_url]) == 0
+    out = capsys.readouterr().out
+    assert "pool prefill: 1 replica(s)" in out and "pool decode: 1 replica(s)" in out
