@@ -73,7 +73,7 @@ async def _direct(bodies, rate: float, warmup) -> list[RequestResult]:
 
     async def one(i, body) -> RequestResult:
         ids = tok.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) else ids
+        ids = ids if isinstance(ids, list) else ids["input_ids"]
         sp = SamplingParams(max_tokens=body["max_tokens"], temperature=0, ignore_eos=True,
                             output_kind=RequestOutputKind.DELTA)
         t0 = time.perf_counter()

@@ -5,6 +5,7 @@ its rank on the node, so replicas of one pool never share cores or ports.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, AsyncIterator, Optional
 
@@ -14,6 +15,41 @@ from pdserve.engine.config import ClusterConfig
 from pdserve.engine.server import EngineServer, Role
 
 logger = logging.getLogger("pdserve.replica")
+
+
+async def coalesce(source: AsyncIterator[tuple]) -> AsyncIterator[list]:
+    """Re-yield ``source`` as lists of everything that is ready; never waits to fill one."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump():
+        try:
+            async for item in source:
+                queue.put_nowait(item)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            queue.put_nowait(e)
+        finally:
+            queue.put_nowait(done)
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            finished = batch[-1] is done
+            if finished:
+                batch.pop()
+            for x in batch:
+                if isinstance(x, BaseException):
+                    raise x
+            if batch:
+                yield batch
+            if finished:
+                return
+    finally:
+        # Cancelled by a client disconnect: stopping the source aborts the engine request.
+        task.cancel()
 
 
 class EngineReplica:
@@ -28,11 +64,21 @@ class EngineReplica:
         self.server = EngineServer(self.cfg, self.role, int(local_rank))
         await self.server.start()
 
-    async def generate(self, endpoint: str, body: dict[str, Any], replica: Optional[str] = None) -> AsyncIterator[tuple]:
-        """Stream ``Item`` tuples (see engine/server.py), led by a ``("meta", {...})`` item."""
-        yield ("meta", {"replica": self.replica_id, "role": self.role})
-        async for item in self.server.handle(endpoint, body):
-            yield item
+    async def generate(self, endpoint: str, body: dict[str, Any], replica: Optional[str] = None) -> AsyncIterator[list]:
+        """Stream lists of ``Item`` tuples (see engine/server.py); the first list starts
+        with a ``("meta", {...})`` item naming this replica.
+
+        Items that are ready together travel in one list: every message through Ray
+        costs CPU in three processes, and on a small machine that CPU comes out of the
+        engines' cores.
+        """
+        meta = ("meta", {"replica": self.replica_id, "role": self.role})
+        first = True
+        async for batch in coalesce(self.server.handle(endpoint, body)):
+            if first:
+                batch.insert(0, meta)
+                first = False
+            yield batch
 
     def load(self, replica: Optional[str] = None) -> dict[str, Any]:
         report = self.server.load()

@@ -14,6 +14,9 @@ class FallbackCause(str, enum.Enum):
     NO_PREFILL_REPLICA = "no_prefill_replica"
     PREFILL_ERROR = "prefill_error"
     PREFILL_TIMEOUT = "prefill_timeout"
+    # The replica chosen for the prefill leg stopped answering its load polls (its
+    # process died or hangs) while the leg was waiting on it.
+    PREFILL_REPLICA_LOST = "prefill_replica_lost"
     NO_KV_PARAMS = "prefill_returned_no_kv_params"
 
 

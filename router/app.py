@@ -54,15 +54,27 @@ class _Leg:
         self.replica_id = replica_id
         self.gen = pool.stream(replica_id, endpoint, body)
         self.served_by: Optional[str] = None
+        self._buffer: list[tuple] = []
 
     async def next_item(self) -> Optional[tuple]:
         """The next non-meta item, or None at the end of the stream."""
-        async for item in self.gen:
-            if item[0] == "meta":
-                self.served_by = item[1]["replica"]
-                continue
-            return item
-        return None
+        while True:
+            while self._buffer:
+                item = self._buffer.pop(0)
+                if item[0] == "meta":
+                    self.served_by = item[1]["replica"]
+                    continue
+                return item
+            try:
+                self._buffer = list(await self.gen.__anext__())
+            except StopAsyncIteration:
+                return None
+
+    def ready_chunks(self) -> list[str]:
+        """SSE chunks that arrived with the last message, without waiting for more."""
+        chunks = [it[1] for it in self._buffer if it[0] == "sse"]
+        self._buffer = [it for it in self._buffer if it[0] != "sse"]
+        return chunks
 
     def cancel(self) -> None:
         try:
@@ -189,15 +201,11 @@ class RouterServer:
             pbody.update(max_tokens=1, stream=False, kv_transfer_params=prefill_request_params())
             t = time.perf_counter()
             leg = _Leg(prefill, p.replica_id, endpoint, pbody)
-            try:
-                with prefill.track(p.replica_id):
-                    item = await asyncio.wait_for(leg.next_item(), self.cfg.router.prefill_timeout_s)
-            except (Exception, asyncio.TimeoutError) as e:
-                leg.cancel()
-                item = None
-                cause = classify_prefill_failure(e if not isinstance(e, asyncio.TimeoutError) else TimeoutError())
-                logger.warning("prefill leg on %s failed: %r", p.replica_id, e)
-            else:
+            with prefill.track(p.replica_id):
+                item, cause = await self._await_prefill(leg, prefill, p.replica_id)
+            if cause is None and item is None:
+                cause = FallbackCause.PREFILL_ERROR  # the stream ended without an answer
+            elif cause is None:
                 self.metrics.prefill_leg.observe(time.perf_counter() - t)
             if item is not None and item[0] == "error":
                 status = item[1]
@@ -215,6 +223,28 @@ class RouterServer:
             return "fallback", _Leg(decode, d_id, endpoint, checked.body), None
         dbody = dict(checked.body, kv_transfer_params=kv_params)
         return "pd", _Leg(decode, d_id, endpoint, dbody), None
+
+    async def _await_prefill(self, leg: _Leg, pool: Pool, replica_id: str):
+        """Wait for the prefill answer; give up early if its replica is seen to die."""
+        task = asyncio.ensure_future(leg.next_item())
+        deadline = time.perf_counter() + self.cfg.router.prefill_timeout_s
+        try:
+            while True:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    return None, FallbackCause.PREFILL_TIMEOUT
+                done, _ = await asyncio.wait({task}, timeout=min(remaining, self.cfg.router.load_poll_interval_s))
+                if done:
+                    return task.result(), None
+                if not pool.is_healthy(replica_id):
+                    return None, FallbackCause.PREFILL_REPLICA_LOST
+        except Exception as e:
+            logger.warning("prefill leg on %s failed: %r", replica_id, e)
+            return None, classify_prefill_failure(e)
+        finally:
+            if not task.done():
+                task.cancel()
+                leg.cancel()
 
     async def _respond(self, endpoint, path, leg: _Leg, checked: CheckedRequest, headers, t0):
         with leg.pool.track(leg.replica_id):
@@ -251,17 +281,18 @@ class RouterServer:
         completed = False
         try:
             with leg.pool.track(leg.replica_id):
-                chunk: Optional[str] = first_chunk
-                while chunk is not None:
-                    if _carries_token(chunk):
+                chunks: list[str] = [first_chunk] + leg.ready_chunks()
+                while chunks:
+                    n = sum(1 for c in chunks if _carries_token(c))
+                    if n:
                         now = time.perf_counter()
                         if ttft is None:
                             ttft = now - t0
-                        tokens += 1
+                        tokens += n
                         last = now
-                    yield chunk
+                    yield "".join(chunks)
                     item = await leg.next_item()
-                    chunk = item[1] if item is not None else None
+                    chunks = [item[1]] + leg.ready_chunks() if item is not None else []
             completed = True
         finally:
             if not completed:

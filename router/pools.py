@@ -25,7 +25,11 @@ class ReplicaState:
 
 
 class Pool:
-    def __init__(self, name: str, handle, poll_timeout_s: float = 2.0) -> None:
+    # A replica is marked unhealthy on a failed load call, or after this many load
+    # calls in a row that time out (a busy replica may answer one late).
+    TIMEOUTS_BEFORE_UNHEALTHY = 2
+
+    def __init__(self, name: str, handle, poll_timeout_s: float = 1.0) -> None:
         self.name = name
         self.handle = handle
         self.deployment = handle.deployment_name
@@ -53,13 +57,19 @@ class Pool:
         for rid, res in zip(ids, results):
             st = self.replicas.setdefault(rid, ReplicaState(rid))
             if isinstance(res, BaseException) or res.get("replica") != rid:
-                st.healthy = False
                 st.failures += 1
+                timed_out = isinstance(res, (asyncio.TimeoutError, TimeoutError))
+                if not timed_out or st.failures >= self.TIMEOUTS_BEFORE_UNHEALTHY:
+                    st.healthy = False
             else:
                 st.load = res
                 st.healthy = True
                 st.failures = 0
                 st.last_ok = now
+
+    def is_healthy(self, replica_id: str) -> bool:
+        st = self.replicas.get(replica_id)
+        return st is not None and st.healthy
 
     def candidates(self) -> list[Candidate]:
         return [

@@ -98,7 +98,7 @@ class RequestChecker:
                 ids = self.tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=True)
             except Exception as e:  # jinja raises for unknown roles and malformed content
                 raise ApiError(400, f"cannot apply the chat template: {e}", param="messages")
-            if isinstance(ids, dict):
+            if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
                 ids = ids["input_ids"]
             return len(ids)
         prompt = body["prompt"]

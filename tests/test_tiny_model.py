@@ -17,7 +17,7 @@ def test_write_tiny_model(tmp_path):
     text = "Prefill builds the KV cache; decode streams tokens."
     assert tok.decode(tok.encode(text)) == text
     ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
-    ids = ids["input_ids"] if isinstance(ids, dict) else ids
+    ids = ids if isinstance(ids, list) else ids["input_ids"]
     assert tok.decode(ids).endswith("<|assistant|>\n")
     with pytest.raises(Exception, match="unknown role"):
         tok.apply_chat_template([{"role": "wizard", "content": "hi"}])

@@ -1,0 +1,64 @@
+"""The router's own request checks, without engines: they run before any engine work."""
+import pytest
+
+from pdserve.engine.tiny_model import resolve_model
+from pdserve.router.protocol import ApiError, RequestChecker, parse_json_body
+
+
+@pytest.fixture(scope="module")
+def checker():
+    return RequestChecker("tiny", resolve_model("builtin:tiny"), max_model_len=256)
+
+
+def _chat(content, **kw):
+    return dict({"model": "tiny", "messages": [{"role": "user", "content": content}]}, **kw)
+
+
+def test_counts_prompt_tokens_like_the_chat_template(checker):
+    tok = checker.tokenizer
+    ids = tok.apply_chat_template([{"role": "user", "content": "hello world"}], add_generation_prompt=True)
+    ids = ids if isinstance(ids, list) else ids["input_ids"]
+    c = checker.check("chat", _chat("hello world", max_tokens=5))
+    assert c.prompt_tokens == len(ids) > 5
+    assert c.max_tokens == 5 and not c.stream
+
+
+def test_context_overflow_is_caught_before_any_engine(checker):
+    with pytest.raises(ApiError) as e:
+        checker.check("chat", _chat("word " * 300, max_tokens=4))
+    assert e.value.status == 400 and "context" in e.value.message
+    n = checker.check("chat", _chat("word " * 20, max_tokens=1)).prompt_tokens
+    checker.check("chat", _chat("word " * 20, max_tokens=256 - n))
+    with pytest.raises(ApiError, match="exceeds"):
+        checker.check("chat", _chat("word " * 20, max_tokens=256 - n + 1))
+
+
+def test_default_max_tokens(checker):
+    c = checker.check("chat", _chat("hi"))  # chat: the rest of the context
+    assert c.max_tokens == 256 - c.prompt_tokens
+    c = checker.check("completions", {"model": "tiny", "prompt": [1, 2, 3]})  # completions: OpenAI's 16
+    assert c.prompt_tokens == 3 and c.max_tokens == 16
+
+
+@pytest.mark.parametrize("body,status", [
+    (_chat("x", max_tokens=0), 400),
+    ({"model": "tiny", "messages": []}, 400),
+    ({"model": "other", "messages": [{"role": "user", "content": "x"}]}, 404),
+    ({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 3}, 400),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_p": "high"}, 400),
+])
+def test_rejections(checker, body, status):
+    with pytest.raises(ApiError) as e:
+        checker.check("chat", body)
+    assert e.value.status == status
+    assert e.value.body()["error"]["code"] == status
+
+
+def test_body_parsing():
+    with pytest.raises(ApiError) as e:
+        parse_json_body(b"x" * 2000, max_bytes=1024)
+    assert e.value.status == 413
+    with pytest.raises(ApiError):
+        parse_json_body(b"{nope", max_bytes=1024)
+    assert parse_json_body(b'{"a": 1}', max_bytes=1024) == {"a": 1}
