@@ -22,6 +22,16 @@ class RequestResult:
     path: Optional[str] = None
     error: Optional[str] = None
 
+    def record_tokens(self, t0: float, n: int = 1) -> None:
+        """Note ``n`` output tokens arriving now, for a request sent at ``t0``."""
+        now = time.perf_counter()
+        if self.ttft is None:
+            self.ttft = now - t0
+        else:
+            self.itls.append(now - (t0 + self.e2e))
+        self.e2e = now - t0
+        self.output_tokens += n
+
     @property
     def tpot(self) -> Optional[float]:
         if self.ttft is None or self.e2e is None or self.output_tokens < 2:
@@ -59,7 +69,6 @@ def summarize(results: list[RequestResult]) -> dict[str, Any]:
 async def stream_one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> RequestResult:
     t0 = time.perf_counter()
     res = RequestResult(ok=False, status=0)
-    last = None
     try:
         async with client.stream("POST", url + "/v1/chat/completions", json=dict(body, stream=True)) as r:
             res.status = r.status_code
@@ -74,14 +83,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) 
                 if not chunk.get("choices"):
                     continue
                 if chunk["choices"][0].get("delta", {}).get("content"):
-                    now = time.perf_counter()
-                    if res.ttft is None:
-                        res.ttft = now - t0
-                    else:
-                        res.itls.append(now - last)
-                    last = now
-                    res.output_tokens += 1
-        res.e2e = (last or time.perf_counter()) - t0
+                    res.record_tokens(t0)
         res.ok = res.ttft is not None
     except Exception as e:  # recorded, not raised: a benchmark counts failures
         res.error = repr(e)

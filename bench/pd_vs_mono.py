@@ -78,18 +78,9 @@ async def _direct(bodies, rate: float, warmup) -> list[RequestResult]:
                             output_kind=RequestOutputKind.DELTA)
         t0 = time.perf_counter()
         res = RequestResult(ok=True, status=200, path="direct")
-        last = None
         async for out in server.engine.generate({"prompt_token_ids": ids}, sp, request_id=f"direct-{i}-{t0}"):
-            n = len(out.outputs[0].token_ids)
-            if n:
-                now = time.perf_counter()
-                if res.ttft is None:
-                    res.ttft = now - t0
-                else:
-                    res.itls.append(now - last)
-                last = now
-                res.output_tokens += n
-        res.e2e = last - t0
+            if out.outputs[0].token_ids:
+                res.record_tokens(t0, len(out.outputs[0].token_ids))
         return res
 
     try:
@@ -117,6 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--input-words", type=int, default=200, help="≈256 prompt tokens with the tiny tokenizer")
     p.add_argument("--output", type=int, default=64)
     p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--arms", default="pd,monolithic,direct", help="comma-separated subset of pd,monolithic,direct")
     args = p.parse_args(argv)
 
     bodies = make_bodies(args.requests, args.input_words, args.output)
@@ -124,15 +116,21 @@ def main(argv=None) -> int:
     arms = {}
     print(f"workload: {args.requests} chat requests, ~{args.input_words} words in, {args.output} tokens out, "
           f"Poisson {args.rate} req/s, streaming, greedy", flush=True)
-    arms["pd"] = run_cluster_arm("cpu-pd.yaml", bodies, args.rate, warmup)
-    print("pdserve P/D        :", _fmt(arms["pd"]), flush=True)
-    arms["monolithic"] = run_cluster_arm("cpu-monolithic.yaml", bodies, args.rate, warmup)
-    print("pdserve monolithic :", _fmt(arms["monolithic"]), flush=True)
-    arms["direct"] = summarize(asyncio.run(_direct(bodies, args.rate, warmup)))
-    print("direct AsyncLLM    :", _fmt(arms["direct"]), flush=True)
+    wanted = args.arms.split(",")
+    if "pd" in wanted:
+        arms["pd"] = run_cluster_arm("cpu-pd.yaml", bodies, args.rate, warmup)
+        print("pdserve P/D        :", _fmt(arms["pd"]), flush=True)
+    if "monolithic" in wanted:
+        arms["monolithic"] = run_cluster_arm("cpu-monolithic.yaml", bodies, args.rate, warmup)
+        print("pdserve monolithic :", _fmt(arms["monolithic"]), flush=True)
+    if "direct" in wanted:
+        arms["direct"] = summarize(asyncio.run(_direct(bodies, args.rate, warmup)))
+        print("direct AsyncLLM    :", _fmt(arms["direct"]), flush=True)
 
     print("\nratios (same run):")
     for a, b in (("pd", "monolithic"), ("pd", "direct"), ("monolithic", "direct")):
+        if a not in arms or b not in arms:
+            continue
         r = {m: arms[a][f"p50_{m}_ms"] / arms[b][f"p50_{m}_ms"] for m in ("ttft", "tpot", "e2e")}
         print(f"  {a:>10} / {b:<10}: TTFT p50 {r['ttft']:.2f}x  TPOT p50 {r['tpot']:.2f}x  E2E p50 {r['e2e']:.2f}x")
     print("\nvLLM's own P/D behind a minimal proxy on this machine (anchors.md): TTFT p50 78.5 ms, TPOT p50 12.0 ms")

@@ -20,6 +20,7 @@ import socket
 from typing import Any, AsyncIterator, Literal, Optional
 
 from pdserve.engine.config import ClusterConfig
+from pdserve.engine.errors import error_body, validation_message
 from pdserve.engine.stats import LoadTracker, stat_logger_factory
 from pdserve.engine.tiny_model import resolve_model
 
@@ -32,32 +33,20 @@ Item = tuple
 _PORT_OFFSET = {"prefill": 0, "decode": 100, "monolithic": 200}
 
 
-def bind_process_to_cores(cores: Optional[list[int]], omp_threads_env: bool = True) -> None:
-    """Pin this process (and the engine core it will spawn) to ``cores``.
+def confine_engine_to_cores(cores: Optional[list[int]]) -> None:
+    """Run the engine processes this process spawns on ``cores`` (see child_guard/).
 
     vLLM's CPU backend otherwise spins OpenMP threads on every core, and two engines
     on 'auto' binding slowed P/D about 100x on a 2-core machine.
     """
     if not cores:
         return
-    # sched_setaffinity acts per thread, and a Ray replica runs user code off its main
-    # thread: pin every thread of the process (children inherit from the caller).
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(tid), set(cores))
-        except (ProcessLookupError, PermissionError):
-            pass
-    os.sched_setaffinity(0, set(cores))
-    os.environ["PDSERVE_CORE_SET"] = ",".join(str(c) for c in cores)
-    if omp_threads_env:
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cores)
-    os.environ["OMP_NUM_THREADS"] = str(len(cores))
-    try:
-        import torch
-
-        torch.set_num_threads(len(cores))
-    except Exception:  # pragma: no cover - torch always present with vLLM
-        pass
+    core_list = ",".join(str(c) for c in cores)
+    os.environ["PDSERVE_CORE_SET"] = core_list
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = core_list
+    # Idle OpenMP threads sleep instead of spinning, so a mostly idle engine (prefill
+    # under chat traffic) leaves its core to the serving processes that float.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def side_channel_port(cfg: ClusterConfig, role: Role, index: int) -> int:
@@ -120,7 +109,7 @@ class EngineServer:
         os.environ["PDSERVE_DIE_WITH_PARENT"] = "1"
         if self.cfg.device == "cpu":
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.engine.cpu_kv_cache_gib)
-            bind_process_to_cores(self.cores)
+            confine_engine_to_cores(self.cores)
         if self.kv_port is not None:
             os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(self.kv_port)
             os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", _node_ip())
@@ -172,13 +161,13 @@ class EngineServer:
                 request = CompletionRequest.model_validate(body)
                 result = await self._completion.create_completion(request, None)
             else:
-                yield ("error", 404, _error_body(f"unknown endpoint {endpoint!r}", "NotFoundError", 404))
+                yield ("error", 404, error_body(404, f"unknown endpoint {endpoint!r}", "NotFoundError"))
                 return
         except ValidationError as e:
-            yield ("error", 400, _error_body(_validation_message(e), "BadRequestError", 400))
+            yield ("error", 400, error_body(400, validation_message(e), "BadRequestError"))
             return
         except (VLLMValidationError, ValueError, TypeError) as e:
-            yield ("error", 400, _error_body(str(e), "BadRequestError", 400))
+            yield ("error", 400, error_body(400, str(e), "BadRequestError"))
             return
 
         if isinstance(result, ErrorResponse):
@@ -199,18 +188,6 @@ class EngineServer:
         if self.engine is None:
             raise RuntimeError("engine not started")
         await self.engine.check_health()
-
-
-def _error_body(message: str, type_: str, code: int) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
-
-
-def _validation_message(e) -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ()))
-        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
-    return "; ".join(parts) or str(e)
 
 
 def _node_ip() -> str:

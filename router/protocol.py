@@ -9,6 +9,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from pdserve.engine.errors import error_body, validation_message
+
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "BadRequestError", param: Optional[str] = None):
@@ -20,10 +22,6 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.status, self.message, self.type, self.param)
-
-
-def error_body(status: int, message: str, type_: str, param: Optional[str] = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
 
 
 def parse_json_body(raw: bytes, max_bytes: int) -> dict[str, Any]:
@@ -75,7 +73,7 @@ class RequestChecker:
         try:
             req = self._models[endpoint].model_validate(body)
         except ValidationError as e:
-            raise ApiError(400, _validation_message(e))
+            raise ApiError(400, validation_message(e))
         max_tokens = req.max_completion_tokens if endpoint == "chat" and req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is not None and max_tokens < 1:
             raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
@@ -111,10 +109,3 @@ class RequestChecker:
         raise ApiError(400, "'prompt' must be a string, a list of token ids, or a one-element list of strings",
                        param="prompt")
 
-
-def _validation_message(e) -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ()))
-        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
-    return "; ".join(parts) or str(e)

@@ -100,8 +100,9 @@ def test_prefill_and_decode_run_on_disjoint_cores(clusters):
     owned = {}
     for pool in ("prefill", "decode"):
         (rep,) = pools[pool]
-        proc = psutil.Process(rep["pid"])
-        engine_procs = [proc] + proc.children(recursive=True)
+        # The engine processes (vLLM's engine core and its workers) own the cores; the
+        # replica's own process only templates and frames, and floats like an API server.
+        engine_procs = psutil.Process(rep["pid"]).children(recursive=True)
         names = [p.name() for p in engine_procs]
         assert any("EngineCore" in n for n in names), names  # the vLLM engine core is there
         cores = set()

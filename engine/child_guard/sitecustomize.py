@@ -3,9 +3,11 @@
 #
 # 1. PDSERVE_DIE_WITH_PARENT=1: the child dies with its parent, so a replica killed by
 #    Ray or by a chaos test never leaves an orphan engine holding cores, KV and ports.
-# 2. PDSERVE_CORE_SET=0,1: affinity changes made inside the engine stay within the
-#    replica's core set. vLLM's NIXL worker on CPU pins its transfer thread to the last
-#    core of the NUMA node, which on a small machine is another engine's core.
+# 2. PDSERVE_CORE_SET=0,1: the engine processes run on the replica's core set, and
+#    affinity changes made inside the engine stay within it. vLLM's NIXL worker on CPU
+#    pins its transfer thread to the last core of the NUMA node, which on a small
+#    machine is another engine's core. The replica's own process (HTTP-free API layer:
+#    templating, detokenizing, SSE framing) is left to float like vLLM's API server.
 import os
 
 if os.environ.get("PDSERVE_DIE_WITH_PARENT") == "1":
@@ -24,6 +26,7 @@ _core_set = os.environ.get("PDSERVE_CORE_SET")
 if _core_set and hasattr(os, "sched_setaffinity"):
     _allowed = frozenset(int(c) for c in _core_set.split(",") if c.strip())
     _set_affinity = os.sched_setaffinity
+    _set_affinity(0, _allowed)
 
     def _confined_setaffinity(pid, mask, _allowed=_allowed, _set=_set_affinity):
         _set(pid, (set(mask) & _allowed) or _allowed)
