@@ -95,9 +95,11 @@ class KVTransferSpec(_Strict):
     side_channel_base_port: int = Field(15600, ge=1024, le=65000)
     # Seconds a prefill holds finished blocks for a decode that never pulls them.
     lease_seconds: int = Field(30, ge=2)
-    # What decode does when a KV load fails: "fail" lets the router fall back and
-    # tell the operator; "recompute" hides the failure inside the engine.
-    load_failure_policy: Literal["fail", "recompute"] = "fail"
+    # What decode does when a KV load fails. "recompute" prefills the failed blocks
+    # locally, so the client still gets the right answer; until the router retries
+    # decode-side failures itself (fallback issue), "fail" would end such a request
+    # with finish_reason "error".
+    load_failure_policy: Literal["fail", "recompute"] = "recompute"
 
 
 class RouterSpec(_Strict):
