@@ -21,18 +21,19 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> 
                  log_to_driver=False, configure_logging=False)
 
 
-def start_serve(host: str, port: int) -> None:
+def start_serve() -> None:
     from ray import serve
 
-    serve.start(http_options={"host": host, "port": port})
+    # The router replicas serve HTTP themselves, so Ray Serve starts no HTTP proxy.
+    serve.start(http_options={"location": "NoServer"})
 
 
-def deploy(cfg: ClusterConfig, app_name: Optional[str] = None, route_prefix: str = "/") -> None:
+def deploy(cfg: ClusterConfig, app_name: Optional[str] = None) -> None:
     from ray import serve
 
     from pdserve.cluster.builder import build_app
 
-    serve.run(build_app(cfg), name=app_name or cfg.name, route_prefix=route_prefix, blocking=False)
+    serve.run(build_app(cfg), name=app_name or cfg.name, route_prefix=None, blocking=False)
 
 
 def wait_ready(url: str, timeout_s: float = 600) -> None:
@@ -54,10 +55,12 @@ def start_cluster(cfg: ClusterConfig, port: Optional[int] = None, address: Optio
     """Start (or join) Ray, deploy ``cfg``, wait until healthy; return the base URL."""
     from pdserve.cluster.builder import cpus_needed
 
-    host = host or cfg.router.host
-    port = port or cfg.router.port
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v}
+    if overrides:
+        cfg = cfg.model_copy(update={"router": cfg.router.model_copy(update=overrides)})
+    host, port = cfg.router.host, cfg.router.port
     start_ray(address, cpus_needed(cfg))
-    start_serve(host, port)
+    start_serve()
     deploy(cfg)
     url = f"http://{host}:{port}"
     wait_ready(url)

@@ -20,7 +20,6 @@ from typing import Any, AsyncIterator, Optional
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from ray import serve
 
 from pdserve.engine.config import ClusterConfig
 from pdserve.engine.tiny_model import resolve_model
@@ -33,7 +32,6 @@ from pdserve.router.selection import least_loaded
 
 logger = logging.getLogger("pdserve.router")
 
-app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
 
 _PREFILL_DROP = ("stream_options", "max_completion_tokens", "logprobs", "top_logprobs", "n")
 
@@ -83,8 +81,36 @@ class _Leg:
             pass
 
 
-@serve.ingress(app)
+def build_http_app(server: "RouterServer") -> FastAPI:
+    app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    app.add_api_route("/v1/models", server.models, methods=["GET"])
+    app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/metrics", server.prometheus_metrics, methods=["GET"])
+    app.add_api_route("/pdserve/status", server.status, methods=["GET"])
+    return app
+
+
+async def serve_http(app: FastAPI, host: str, port: int) -> None:
+    """Serve ``app`` from this replica. SO_REUSEPORT lets several router replicas on
+    one node share the port; the kernel spreads connections over them."""
+    import socket
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30)
+    await uvicorn.Server(config).serve(sockets=[sock])
+
+
 class RouterServer:
+    """The router replica. It serves HTTP itself (no Ray Serve proxy in front): on a
+    small machine every hop a token takes costs CPU that the engines need."""
+
     async def __init__(self, config: dict[str, Any], prefill=None, decode=None, monolithic=None) -> None:
         self.cfg = ClusterConfig.model_validate(config)
         self.mode = self.cfg.mode
@@ -99,6 +125,12 @@ class RouterServer:
         self.metrics = RouterMetrics()
         self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
         await self._refresh()
+        self._http = asyncio.get_running_loop().create_task(
+            serve_http(build_http_app(self), self.cfg.router.host, self.cfg.router.port))
+
+    async def check_health(self) -> None:
+        if self._http.done():
+            raise RuntimeError(f"HTTP server stopped: {self._http.exception()!r}")
 
     # ------------------------------------------------------------------ load polling
     async def _refresh(self) -> None:
@@ -121,15 +153,12 @@ class RouterServer:
             await self._refresh()
 
     # ------------------------------------------------------------------ endpoints
-    @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         return await self._serve("chat", request)
 
-    @app.post("/v1/completions")
     async def completions(self, request: Request):
         return await self._serve("completions", request)
 
-    @app.get("/v1/models")
     async def models(self):
         m = self.cfg.model
         return {"object": "list", "data": [{
@@ -137,18 +166,15 @@ class RouterServer:
             "root": m.path, "parent": None, "max_model_len": m.max_model_len,
         }]}
 
-    @app.get("/health")
     async def health(self):
         missing = [n for n, p in self.pools.items() if not any(s.healthy for s in p.replicas.values())]
         if missing:
             return JSONResponse({"status": "unhealthy", "pools_without_healthy_replica": missing}, status_code=503)
         return {"status": "ok", "mode": self.mode}
 
-    @app.get("/metrics")
-    async def metrics(self):
+    async def prometheus_metrics(self):
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/pdserve/status")
     async def status(self):
         return {"name": self.cfg.name, "mode": self.mode, "transport": self.cfg.kv_transfer.transport,
                 "pools": {n: p.status() for n, p in self.pools.items()},

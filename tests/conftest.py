@@ -1,13 +1,12 @@
 """One real cluster per test session, shared by every test marked ``cluster``.
 
 It is one local Ray cluster with two Ray Serve applications built from the shipped
-configs: the P/D app from configs/cpu-pd.yaml at ``/`` and a one-replica monolithic
-app (configs/cpu-monolithic.yaml, shrunk to one engine) at ``/mono``. Both load the
+configs, each router on its own port: the P/D app from configs/cpu-pd.yaml and a
+one-replica monolithic app (configs/cpu-monolithic.yaml, shrunk to one engine). Both load the
 built-in tiny model with the same seeded dummy weights, so greedy outputs must agree.
 """
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +29,15 @@ class Clusters:
     pd_cfg: object
     mono_cfg: object
 
+    mono_base: str = ""
+
     @property
     def pd_url(self) -> str:
         return self.base
 
     @property
     def mono_url(self) -> str:
-        return self.base + "/mono"
+        return self.mono_base
 
 
 @pytest.fixture(scope="session")
@@ -46,21 +47,23 @@ def clusters():
 
     pd_cfg = load_config(CONFIGS / "cpu-pd.yaml")
     mono_cfg = load_config(CONFIGS / "cpu-monolithic.yaml")
+    pd_port, mono_port = _free_port(), _free_port()
+    pd_cfg = pd_cfg.model_copy(update={"router": pd_cfg.router.model_copy(update={"port": pd_port})})
     mono_cfg = mono_cfg.model_copy(update={
         "name": "mono",
         "monolithic": mono_cfg.monolithic.model_copy(update={"replicas": 1, "cpu_cores": ["0"]}),
+        "router": mono_cfg.router.model_copy(update={"port": mono_port}),
     })
-    port = int(os.environ.get("PDSERVE_TEST_PORT") or _free_port())
     # Ray counts logical CPUs; the two apps share the two cores by design (tests run one at a time).
     runtime.start_ray(num_cpus=3)
-    runtime.start_serve("127.0.0.1", port)
-    runtime.deploy(pd_cfg, app_name="pd", route_prefix="/")
-    runtime.deploy(mono_cfg, app_name="mono", route_prefix="/mono")
-    base = f"http://127.0.0.1:{port}"
+    runtime.start_serve()
+    runtime.deploy(pd_cfg, app_name="pd")
+    runtime.deploy(mono_cfg, app_name="mono")
+    base, mono_base = f"http://127.0.0.1:{pd_port}", f"http://127.0.0.1:{mono_port}"
     try:
         runtime.wait_ready(base, timeout_s=900)
-        runtime.wait_ready(base + "/mono", timeout_s=900)
-        yield Clusters(base, pd_cfg, mono_cfg)
+        runtime.wait_ready(mono_base, timeout_s=900)
+        yield Clusters(base, pd_cfg, mono_cfg, mono_base)
     finally:
         runtime.stop_cluster()
 
