@@ -92,17 +92,26 @@ def build_http_app(server: "RouterServer") -> FastAPI:
     return app
 
 
-async def serve_http(app: FastAPI, host: str, port: int) -> None:
-    """Serve ``app`` from this replica. SO_REUSEPORT lets several router replicas on
-    one node share the port; the kernel spreads connections over them."""
-    import socket
+def bind_http_socket(host: str, port: int):
+    """Bind now, so a port in use fails the deployment with a clear error at startup.
 
-    import uvicorn
+    No SO_REUSEPORT: a second cluster on the same port must fail, not silently share it.
+    """
+    import socket
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise RuntimeError(f"router cannot listen on {host}:{port}: {e}") from e
+    return sock
+
+
+async def serve_http(app: FastAPI, sock) -> None:
+    import uvicorn
+
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30)
     await uvicorn.Server(config).serve(sockets=[sock])
 
@@ -123,10 +132,11 @@ class RouterServer:
         self.checker = RequestChecker(self.cfg.model.served_name, resolve_model(self.cfg.model.path),
                                       self.cfg.model.max_model_len)
         self.metrics = RouterMetrics()
+        sock = bind_http_socket(self.cfg.router.host, self.cfg.router.port)
         self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
         await self._refresh()
         self._http = asyncio.get_running_loop().create_task(
-            serve_http(build_http_app(self), self.cfg.router.host, self.cfg.router.port))
+            serve_http(build_http_app(self), sock))
 
     async def check_health(self) -> None:
         if self._http.done():
