@@ -146,9 +146,6 @@ class ClusterConfig(_Strict):
                 raise ValueError("mode 'monolithic' takes no 'prefill'/'decode' pools")
         if self.device == "cpu":
             self._check_disjoint_cores()
-        if self.device == "gpu" and self.kv_transfer.buffer_device == "cpu" and self.mode == "pd":
-            # Allowed (host-buffer staging), but never the silent default on GPU.
-            pass
         return self
 
     def pools(self) -> dict[str, PoolSpec]:

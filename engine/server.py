@@ -13,10 +13,8 @@ Formatting, validation and chat templating are vLLM's (``OpenAIServingChat`` /
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import socket
 from typing import Any, AsyncIterator, Literal, Optional
 
 from pdserve.engine.config import ClusterConfig
@@ -60,10 +58,8 @@ class EngineServer:
         self.index = index
         self.tracker = LoadTracker()
         self.engine = None
-        self.host = socket.gethostname()
         self._chat = None
         self._completion = None
-        self._models = None
         self.cores = None
         if cfg.device == "cpu":
             pool = cfg.pools()[role]
@@ -138,7 +134,6 @@ class EngineServer:
         await init_app_state(self.engine, state, args, tasks)
         self._chat = state.openai_serving_chat
         self._completion = state.openai_serving_completion
-        self._models = state.openai_serving_models
 
     async def shutdown(self) -> None:
         if self.engine is not None:

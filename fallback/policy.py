@@ -12,6 +12,8 @@ import enum
 
 class FallbackCause(str, enum.Enum):
     NO_PREFILL_REPLICA = "no_prefill_replica"
+    # The prefill leg raised or answered 5xx. A 4xx is the client's fault and is returned
+    # as it is: a monolithic engine would reject the request the same way.
     PREFILL_ERROR = "prefill_error"
     PREFILL_TIMEOUT = "prefill_timeout"
     # The replica chosen for the prefill leg stopped answering its load polls (its
@@ -19,13 +21,3 @@ class FallbackCause(str, enum.Enum):
     PREFILL_REPLICA_LOST = "prefill_replica_lost"
     NO_KV_PARAMS = "prefill_returned_no_kv_params"
 
-
-def classify_prefill_failure(exc: BaseException | None = None, status: int | None = None) -> FallbackCause:
-    """Map what went wrong on the prefill leg to a cause.
-
-    A 4xx from prefill is the client's fault and is never passed here: the router
-    returns it as it is, because a monolithic engine would reject it the same way.
-    """
-    if isinstance(exc, TimeoutError):
-        return FallbackCause.PREFILL_TIMEOUT
-    return FallbackCause.PREFILL_ERROR

@@ -12,7 +12,6 @@ A prefill failure or timeout sends the request to a decode engine whole (fallbac
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any, AsyncIterator, Optional
@@ -23,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pdserve.engine.config import ClusterConfig
 from pdserve.engine.tiny_model import resolve_model
-from pdserve.fallback.policy import FallbackCause, classify_prefill_failure
+from pdserve.fallback.policy import FallbackCause
 from pdserve.kv_transfer.registry import prefill_request_params
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pools import Pool
@@ -36,8 +35,6 @@ logger = logging.getLogger("pdserve.router")
 _PREFILL_DROP = ("stream_options", "max_completion_tokens", "logprobs", "top_logprobs", "n")
 
 
-# Defined before the ingress class: serve.ingress captures the module's names as they
-# stand when the class is decorated.
 def _carries_token(chunk: str) -> bool:
     if chunk.startswith("data: [DONE]"):
         return False
@@ -248,7 +245,7 @@ class RouterServer:
                 if 400 <= status < 500:
                     self.metrics.requests.labels("pd", endpoint, str(status)).inc()
                     return "pd", None, JSONResponse(item[2], status_code=status, headers=headers)
-                cause = classify_prefill_failure(status=status)
+                cause = FallbackCause.PREFILL_ERROR
             elif item is not None:
                 kv_params = item[1].get("kv_transfer_params")
                 if not kv_params:
@@ -276,7 +273,7 @@ class RouterServer:
                     return None, FallbackCause.PREFILL_REPLICA_LOST
         except Exception as e:
             logger.warning("prefill leg on %s failed: %r", replica_id, e)
-            return None, classify_prefill_failure(e)
+            return None, FallbackCause.PREFILL_ERROR
         finally:
             if not task.done():
                 task.cancel()
