@@ -89,8 +89,11 @@ def test_concurrent_requests_all_served_by_pd(clusters):
     assert {r.headers["x-pdserve-path"] for r in rs} == {"pd"}
 
 
-def _allowed_cores(pid: int) -> set[int]:
-    return set(os.sched_getaffinity(pid))
+def _allowed_cores(tid: int) -> set[int]:
+    try:
+        return set(os.sched_getaffinity(tid))
+    except ProcessLookupError:  # the thread ended between listing and reading
+        return set()
 
 
 def test_prefill_and_decode_run_on_disjoint_cores(clusters):
@@ -105,11 +108,16 @@ def test_prefill_and_decode_run_on_disjoint_cores(clusters):
         engine_procs = psutil.Process(rep["pid"]).children(recursive=True)
         names = [p.name() for p in engine_procs]
         assert any("EngineCore" in n for n in names), names  # the vLLM engine core is there
-        cores = set()
+        cores, seen = set(), []
         for p in engine_procs:
-            for t in p.threads():
-                cores |= _allowed_cores(t.id)
-        assert cores == set(rep["cores"]), (pool, cores, rep["cores"])
+            try:
+                for t in p.threads():
+                    mask = _allowed_cores(t.id)
+                    cores |= mask
+                    seen.append((p.pid, p.name(), t.id, sorted(mask)))
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                continue  # a short-lived helper exited between listing and reading
+        assert cores == set(rep["cores"]), (pool, cores, rep["cores"], seen)
         owned[pool] = cores
         # vLLM's OpenMP threads are bound to the replica's cores, not 'auto'.
         engine_core = next(p for p in engine_procs if "EngineCore" in p.name())
