@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.pdserve-setup
 DEMO_ARGS ?=
 
-.PHONY: setup demo test bench soak clean
+.PHONY: setup demo test bench soak clean proto
 
 setup: $(STAMP)
 
@@ -30,3 +30,12 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) *.egg-info
+
+# Regenerates kv_transfer/kv_stream_pb2*.py from kv_transfer/kv_stream.proto (checked in;
+# tests/test_grpc_kv.py checks they match). Generated under pdserve/kv_transfer so imports are absolute.
+proto: $(STAMP)
+	rm -rf .proto-build && mkdir -p .proto-build/pdserve/kv_transfer
+	cp kv_transfer/kv_stream.proto .proto-build/pdserve/kv_transfer/
+	cd .proto-build && ../$(VENV)/bin/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. pdserve/kv_transfer/kv_stream.proto
+	cp .proto-build/pdserve/kv_transfer/kv_stream_pb2.py .proto-build/pdserve/kv_transfer/kv_stream_pb2_grpc.py kv_transfer/
+	rm -rf .proto-build

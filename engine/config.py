@@ -88,6 +88,41 @@ class PoolSpec(_Strict):
         return parse_core_set(self.cpu_cores[index % len(self.cpu_cores)])
 
 
+class GrpcTLSSpec(_Strict):
+    cert: Optional[str] = None  # prefill: PEM certificate it serves with
+    key: Optional[str] = None   # prefill: its private key
+    ca: Optional[str] = None    # decode: CA that signed the prefill certificates
+
+    @model_validator(mode="after")
+    def _check_files(self):
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("kv_transfer.grpc.tls: 'cert' and 'key' go together")
+        if not self.ca:
+            raise ValueError("kv_transfer.grpc.tls: 'ca' is required (decode verifies the prefill endpoint)")
+        for name in ("cert", "key", "ca"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise ValueError(f"kv_transfer.grpc.tls.{name}: file not found: {path}")
+        return self
+
+
+class GrpcTransportSpec(_Strict):
+    # Whole-transfer deadline: past it decode gives up and vLLM's failure policy runs.
+    deadline_s: float = Field(10.0, gt=0)
+    # Bytes of one layer's blocks per stream message; bounded by max_message_bytes.
+    chunk_bytes: int = Field(4 << 20, ge=4096)
+    max_message_bytes: int = Field(64 << 20, ge=1 << 20)
+    bind_host: str = "0.0.0.0"
+    pull_workers: int = Field(4, ge=1, le=64)
+    tls: Optional[GrpcTLSSpec] = None
+
+    @model_validator(mode="after")
+    def _check_sizes(self):
+        if self.chunk_bytes + 4096 > self.max_message_bytes:
+            raise ValueError("kv_transfer.grpc.chunk_bytes must leave 4 KiB of room below max_message_bytes")
+        return self
+
+
 class KVTransferSpec(_Strict):
     transport: Literal["nixl", "grpc"] = "nixl"
     buffer_device: Literal["cpu", "cuda"] = "cpu"
@@ -100,6 +135,7 @@ class KVTransferSpec(_Strict):
     # decode-side failures itself (fallback issue), "fail" would end such a request
     # with finish_reason "error".
     load_failure_policy: Literal["fail", "recompute"] = "recompute"
+    grpc: GrpcTransportSpec = Field(default_factory=GrpcTransportSpec)
 
 
 class RouterSpec(_Strict):

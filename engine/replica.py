@@ -85,6 +85,9 @@ class EngineReplica:
         report["replica"] = self.replica_id
         return report
 
+    def set_kv_faults(self, spec: Optional[dict[str, Any]], replica: Optional[str] = None) -> dict[str, Any]:
+        return {**self.server.set_kv_faults(spec), "replica": self.replica_id}
+
     async def check_health(self) -> None:
         await self.server.check_health()
 

@@ -21,6 +21,7 @@ from pdserve.engine.config import ClusterConfig
 from pdserve.engine.errors import error_body, validation_message
 from pdserve.engine.stats import LoadTracker, stat_logger_factory
 from pdserve.engine.tiny_model import resolve_model
+from pdserve.kv_transfer.faults import fault_file_path, write_faults
 
 logger = logging.getLogger("pdserve.engine")
 
@@ -65,6 +66,7 @@ class EngineServer:
             pool = cfg.pools()[role]
             self.cores = pool.cores_for(index)
         self.kv_port = side_channel_port(cfg, role, index) if role != "monolithic" else None
+        self.fault_file = fault_file_path(cfg.name, role, index) if role != "monolithic" else None
 
     # ------------------------------------------------------------------ start-up
     def _engine_args(self):
@@ -79,7 +81,8 @@ class EngineServer:
         if self.role != "monolithic":
             from pdserve.kv_transfer.registry import kv_transfer_config_for
 
-            kv_config = KVTransferConfig(**kv_transfer_config_for(cfg, self.role))
+            kv_config = KVTransferConfig(**kv_transfer_config_for(
+                cfg, self.role, port=self.kv_port, host=_node_ip(), fault_file=self.fault_file))
         return AsyncEngineArgs(
             model=model_path,
             tokenizer=model_path,
@@ -169,15 +172,33 @@ class EngineServer:
             err = result.error
             yield ("error", int(err.code), result.model_dump())
         elif hasattr(result, "model_dump"):
+            # Before the answer: the router stops reading a non-streamed call at "json".
+            for item in self._kv_pull_items(body):
+                yield item
             yield ("json", result.model_dump(mode="json", exclude_none=False))
         else:
             async for chunk in result:
                 yield ("sse", chunk)
+            for item in self._kv_pull_items(body):
+                yield item
+
+    def _kv_pull_items(self, body: dict[str, Any]) -> list[Item]:
+        """A ("kv", {...}) item with this decode engine's pull of the request's KV, where known."""
+        params = body.get("kv_transfer_params") if self.role == "decode" else None
+        pull = self.tracker.transfer_of(params.get("remote_request_id")) if isinstance(params, dict) else None
+        return [("kv", pull)] if pull else []
 
     def load(self) -> dict[str, Any]:
         report = self.tracker.snapshot().to_dict()
         report.update(role=self.role, index=self.index, cores=self.cores, kv_port=self.kv_port, pid=os.getpid())
         return report
+
+    def set_kv_faults(self, spec: dict[str, Any] | None) -> dict[str, Any]:
+        """Sets (or with None clears) the faults injected into this engine's KV transfers."""
+        if self.fault_file is None:
+            raise ValueError("a monolithic engine has no KV link")
+        parsed = write_faults(self.fault_file, spec)
+        return {"role": self.role, "index": self.index, "faults": parsed.__dict__}
 
     async def check_health(self) -> None:
         if self.engine is None:

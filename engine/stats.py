@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,6 +29,8 @@ class LoadReport:
     kv_transfer_seconds_total: float = 0.0
     kv_transfer_failures_total: int = 0
     kv_expired_total: int = 0
+    kv_checksum_failures_total: int = 0
+    kv_failure_kinds: dict[str, int] = field(default_factory=dict)
     steps_total: int = 0
     updated_at: float = field(default_factory=time.time)
 
@@ -38,12 +41,28 @@ class LoadReport:
 _FAILURE_KEYS = ("num_failed_transfers", "num_failed_notifications", "num_failed_handshakes")
 
 
+_RECENT_TRANSFERS = 4096
+
+
 class LoadTracker:
     """Shared between the stat-logger instances vLLM creates and the server that reads them."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.report = LoadReport()
+        # prefill request id -> this engine's pull of it, for connectors that name requests
+        self._transfers: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    def transfer_of(self, remote_request_id: str | None) -> dict[str, Any] | None:
+        if not remote_request_id:
+            return None
+        with self._lock:
+            return self._transfers.get(remote_request_id)
+
+    def _remember(self, rid: str, entry: dict[str, Any]) -> None:
+        self._transfers[rid] = entry
+        while len(self._transfers) > _RECENT_TRANSFERS:
+            self._transfers.popitem(last=False)
 
     def snapshot(self) -> LoadReport:
         with self._lock:
@@ -67,11 +86,10 @@ class LoadTracker:
                 r.external_query_tokens_total += ext.queries
             self._add_connector_stats(r, scheduler_stats.kv_connector_stats)
 
-    @staticmethod
-    def _add_connector_stats(r: LoadReport, stats: dict[str, Any] | None) -> None:
+    def _add_connector_stats(self, r: LoadReport, stats: dict[str, Any] | None) -> None:
         if not stats:
             return
-        # NIXL reports {"transfer_duration": [...], "bytes_transferred": [...], ...};
+        # NIXL and the gRPC connector report {"transfer_duration": [...], "bytes_transferred": [...], ...};
         # multi-connector setups nest one such dict per connector.
         groups = [stats] if "bytes_transferred" in stats else [v for v in stats.values() if isinstance(v, dict)]
         for g in groups:
@@ -81,6 +99,13 @@ class LoadTracker:
             r.kv_transfer_bytes_total += int(sum(g.get("bytes_transferred") or []))
             r.kv_transfer_failures_total += int(sum(sum(g.get(k) or []) for k in _FAILURE_KEYS))
             r.kv_expired_total += int(sum(g.get("num_kv_expired_reqs") or []))
+            r.kv_checksum_failures_total += int(sum(g.get("num_checksum_failures") or []))
+            for kind in g.get("failure_kind") or []:
+                r.kv_failure_kinds[kind] = r.kv_failure_kinds.get(kind, 0) + 1
+            for rid, seconds, nbytes in zip(g.get("request_id") or [], durations, g.get("bytes_transferred") or []):
+                self._remember(rid, {"ok": True, "seconds": seconds, "bytes": nbytes})
+            for rid, kind in zip(g.get("failed_request_id") or [], g.get("failure_kind") or []):
+                self._remember(rid, {"ok": False, "kind": kind})
 
 
 def stat_logger_factory(tracker: LoadTracker):

@@ -12,22 +12,37 @@ from pdserve.engine.config import ClusterConfig
 _ROLE = {"prefill": "kv_producer", "decode": "kv_consumer"}
 
 
-def kv_transfer_config_for(cfg: ClusterConfig, role: str) -> dict[str, Any]:
-    """The ``KVTransferConfig`` kwargs for an engine in ``role`` ("prefill" or "decode")."""
+def kv_transfer_config_for(cfg: ClusterConfig, role: str, *, port: int, host: str,
+                           fault_file: str | None = None) -> dict[str, Any]:
+    """The ``KVTransferConfig`` kwargs for an engine in ``role`` ("prefill" or "decode").
+
+    ``port`` is the engine's own KV port (NIXL side channel, or gRPC server), ``host``
+    the address peers reach it at.
+    """
     if role not in _ROLE:
         raise ValueError(f"role {role!r} takes no KV connector")
     kv = cfg.kv_transfer
+    common = {
+        "kv_role": _ROLE[role],
+        "kv_buffer_device": kv.buffer_device,
+        "kv_load_failure_policy": kv.load_failure_policy,
+    }
     if kv.transport == "nixl":
-        return {
-            "kv_connector": "NixlConnector",
-            "kv_role": _ROLE[role],
-            "kv_buffer_device": kv.buffer_device,
-            "kv_load_failure_policy": kv.load_failure_policy,
-            "kv_connector_extra_config": {"kv_lease_duration": kv.lease_seconds, "backends": ["UCX"]},
-        }
-    raise NotImplementedError(
-        f"KV transport {kv.transport!r} is not available in this build; use 'nixl'"
+        return {**common, "kv_connector": "NixlConnector",
+                "kv_connector_extra_config": {"kv_lease_duration": kv.lease_seconds, "backends": ["UCX"]}}
+    from pdserve.kv_transfer.grpc_settings import GrpcKVSettings
+
+    g = kv.grpc
+    tls = g.tls
+    settings = GrpcKVSettings(
+        host=host, port=port, bind_host=g.bind_host, lease_seconds=float(kv.lease_seconds),
+        deadline_s=g.deadline_s, max_message_bytes=g.max_message_bytes, chunk_bytes=g.chunk_bytes,
+        pull_workers=g.pull_workers, tls_cert=tls.cert if tls else None, tls_key=tls.key if tls else None,
+        tls_ca=tls.ca if tls else None, fault_file=fault_file,
     )
+    return {**common, "kv_connector": "GrpcKVConnector",
+            "kv_connector_module_path": "pdserve.kv_transfer.grpc_connector",
+            "kv_connector_extra_config": settings.to_extra()}
 
 
 def prefill_request_params() -> dict[str, Any]:

@@ -41,6 +41,18 @@ def _carries_token(chunk: str) -> bool:
     return '"content":"' in chunk.replace('"content":""', "") or '"text":"' in chunk.replace('"text":""', "")
 
 
+def _breakdown_headers(leg: "_Leg") -> dict[str, str]:
+    """Per-request P/D timing for non-streamed answers (streamed ones go to the TTFT breakdown metric)."""
+    out = {}
+    if leg.prefill_s is not None:
+        out["x-pdserve-prefill-ms"] = f"{leg.prefill_s * 1000:.2f}"
+    pull = leg.kv_pull
+    if pull is not None:
+        out["x-pdserve-kv-transfer"] = (f"ok; ms={pull['seconds'] * 1000:.2f}; bytes={pull['bytes']}" if pull["ok"]
+                                        else f"failed; kind={pull.get('kind')}")
+    return out
+
+
 class _Leg:
     """One engine call: its stream of items, the replica serving it, and cleanup."""
 
@@ -49,15 +61,20 @@ class _Leg:
         self.replica_id = replica_id
         self.gen = pool.stream(replica_id, endpoint, body)
         self.served_by: Optional[str] = None
+        self.prefill_s: Optional[float] = None  # the P/D prefill leg that came before this decode leg
+        self.kv_pull: Optional[dict[str, Any]] = None  # the decode engine's report of its KV pull
         self._buffer: list[tuple] = []
 
     async def next_item(self) -> Optional[tuple]:
-        """The next non-meta item, or None at the end of the stream."""
+        """The next response item, or None at the end of the stream; side items are kept on the leg."""
         while True:
             while self._buffer:
                 item = self._buffer.pop(0)
                 if item[0] == "meta":
                     self.served_by = item[1]["replica"]
+                    continue
+                if item[0] == "kv":
+                    self.kv_pull = item[1]
                     continue
                 return item
             try:
@@ -226,6 +243,7 @@ class RouterServer:
         d_id = d.replica_id if d else None
         cause: Optional[FallbackCause] = None
         kv_params = None
+        prefill_s: Optional[float] = None
         if p is None:
             cause = FallbackCause.NO_PREFILL_REPLICA
         else:
@@ -239,7 +257,8 @@ class RouterServer:
             if cause is None and item is None:
                 cause = FallbackCause.PREFILL_ERROR  # the stream ended without an answer
             elif cause is None:
-                self.metrics.prefill_leg.observe(time.perf_counter() - t)
+                prefill_s = time.perf_counter() - t
+                self.metrics.prefill_leg.observe(prefill_s)
             if item is not None and item[0] == "error":
                 status = item[1]
                 if 400 <= status < 500:
@@ -255,7 +274,9 @@ class RouterServer:
             headers["x-pdserve-fallback-cause"] = cause.value
             return "fallback", _Leg(decode, d_id, endpoint, checked.body), None
         dbody = dict(checked.body, kv_transfer_params=kv_params)
-        return "pd", _Leg(decode, d_id, endpoint, dbody), None
+        leg = _Leg(decode, d_id, endpoint, dbody)
+        leg.prefill_s = prefill_s
+        return "pd", leg, None
 
     async def _await_prefill(self, leg: _Leg, pool: Pool, replica_id: str):
         """Wait for the prefill answer; give up early if its replica is seen to die."""
@@ -303,9 +324,22 @@ class RouterServer:
             e2e = time.perf_counter() - t0
             self.metrics.e2e.labels(path).observe(e2e)
             self.metrics.requests.labels(path, endpoint, "200").inc()
+            headers.update(_breakdown_headers(leg))
             return JSONResponse(first[1], headers=headers)
         return StreamingResponse(self._stream(endpoint, path, leg, first[1], t0), media_type="text/event-stream",
                                  headers=headers)
+
+    def _observe_breakdown(self, leg: "_Leg", ttft: float) -> None:
+        """Splits a P/D request's TTFT: prefill leg, KV transfer, and the rest (routing, decode queue, first step)."""
+        if leg.prefill_s is None:
+            return
+        pull = leg.kv_pull
+        transfer = pull["seconds"] if pull and pull.get("ok") else 0.0
+        b = self.metrics.ttft_breakdown
+        b.labels("prefill").observe(leg.prefill_s)
+        if pull and pull.get("ok"):
+            b.labels("kv_transfer").observe(transfer)
+        b.labels("decode_first_token").observe(max(0.0, ttft - leg.prefill_s - transfer))
 
     async def _stream(self, endpoint, path, leg: _Leg, first_chunk: str, t0: float) -> AsyncIterator[str]:
         ttft = None
@@ -334,6 +368,7 @@ class RouterServer:
             self.metrics.requests.labels(path, endpoint, "200" if completed else "499").inc()
             if ttft is not None:
                 self.metrics.ttft.labels(path).observe(ttft)
+                self._observe_breakdown(leg, ttft)
                 self.metrics.e2e.labels(path).observe(last - t0)
                 if tokens > 1:
                     self.metrics.tpot.labels(path).observe((last - t0 - ttft) / (tokens - 1))

@@ -21,6 +21,11 @@ class RouterMetrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.prefill_leg = Histogram("pdserve_prefill_leg_seconds", "Router-measured prefill leg (P/D only)",
                                      buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft_breakdown = Histogram(
+            "pdserve_ttft_breakdown_seconds",
+            "Streamed P/D requests' TTFT by stage: prefill leg, KV transfer (as the decode engine "
+            "timed its pull; gRPC transport), and decode_first_token (routing, decode queue, first step)",
+            ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
         self.fallbacks = Counter("pdserve_fallback_total", "Requests served by monolithic fallback, by cause",
                                  ["cause"], registry=r)
         self.inflight = Gauge("pdserve_inflight_requests", "Requests in the router now", registry=r)

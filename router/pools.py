@@ -105,6 +105,9 @@ class Pool:
         for st in self.replicas.values():
             load = {k: st.load.get(k) for k in ("running", "waiting", "kv_cache_usage", "cores", "pid", "kv_port",
                                                 "kv_transfers_total", "kv_transfer_bytes_total",
-                                                "external_hit_tokens_total", "preemptions_total")}
+                                                "kv_transfer_seconds_total", "kv_transfer_failures_total",
+                                                "kv_failure_kinds", "kv_checksum_failures_total",
+                                                "kv_expired_total", "external_hit_tokens_total",
+                                                "preemptions_total")}
             out.append({"replica": st.replica_id, "healthy": st.healthy, "inflight": st.inflight, **load})
         return out

@@ -1,9 +1,11 @@
 """One real cluster per test session, shared by every test marked ``cluster``.
 
-It is one local Ray cluster with two Ray Serve applications built from the shipped
-configs, each router on its own port: the P/D app from configs/cpu-pd.yaml and a
-one-replica monolithic app (configs/cpu-monolithic.yaml, shrunk to one engine). Both load the
-built-in tiny model with the same seeded dummy weights, so greedy outputs must agree.
+It is one local Ray cluster with three Ray Serve applications built from the shipped
+configs, each router on its own port: the P/D app from configs/cpu-pd.yaml (NIXL), the P/D
+app from configs/cpu-pd-grpc.yaml (our gRPC KV stream, with a short lease and deadline so
+the failure tests run quickly), and a one-replica monolithic app (configs/cpu-monolithic.yaml,
+shrunk to one engine). All load the built-in tiny model with the same seeded dummy weights,
+so greedy outputs must agree.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ class Clusters:
     mono_cfg: object
 
     mono_base: str = ""
+    grpc_base: str = ""
+    grpc_cfg: object = None
 
     @property
     def pd_url(self) -> str:
@@ -39,6 +43,10 @@ class Clusters:
     def mono_url(self) -> str:
         return self.mono_base
 
+    @property
+    def grpc_url(self) -> str:
+        return self.grpc_base
+
 
 @pytest.fixture(scope="session")
 def clusters():
@@ -47,23 +55,36 @@ def clusters():
 
     pd_cfg = load_config(CONFIGS / "cpu-pd.yaml")
     mono_cfg = load_config(CONFIGS / "cpu-monolithic.yaml")
-    pd_port, mono_port = _free_port(), _free_port()
+    grpc_cfg = load_config(CONFIGS / "cpu-pd-grpc.yaml")
+    pd_port, mono_port, grpc_port = _free_port(), _free_port(), _free_port()
     pd_cfg = pd_cfg.model_copy(update={"router": pd_cfg.router.model_copy(update={"port": pd_port})})
     mono_cfg = mono_cfg.model_copy(update={
         "name": "mono",
         "monolithic": mono_cfg.monolithic.model_copy(update={"replicas": 1, "cpu_cores": ["0"]}),
         "router": mono_cfg.router.model_copy(update={"port": mono_port}),
     })
-    # Ray counts logical CPUs; the two apps share the two cores by design (tests run one at a time).
-    runtime.start_ray(num_cpus=3)
+    kv = grpc_cfg.kv_transfer
+    grpc_cfg = grpc_cfg.model_copy(update={
+        "name": "pdgrpc",
+        "router": grpc_cfg.router.model_copy(update={"port": grpc_port}),
+        "kv_transfer": kv.model_copy(update={
+            "side_channel_base_port": kv.side_channel_base_port + 300,
+            "lease_seconds": 4,
+            "grpc": kv.grpc.model_copy(update={"deadline_s": 3.0}),
+        }),
+    })
+    # Ray counts logical CPUs; the apps share the two cores by design (tests run one at a time).
+    runtime.start_ray(num_cpus=5)
     runtime.start_serve()
     runtime.deploy(pd_cfg, app_name="pd")
     runtime.deploy(mono_cfg, app_name="mono")
+    runtime.deploy(grpc_cfg, app_name="pdgrpc")
     base, mono_base = f"http://127.0.0.1:{pd_port}", f"http://127.0.0.1:{mono_port}"
+    grpc_base = f"http://127.0.0.1:{grpc_port}"
     try:
-        runtime.wait_ready(base, timeout_s=900)
-        runtime.wait_ready(mono_base, timeout_s=900)
-        yield Clusters(base, pd_cfg, mono_cfg, mono_base)
+        for url in (base, mono_base, grpc_base):
+            runtime.wait_ready(url, timeout_s=900)
+        yield Clusters(base, pd_cfg, mono_cfg, mono_base, grpc_base, grpc_cfg)
     finally:
         runtime.stop_cluster()
 

@@ -48,3 +48,17 @@ def stream_chat(url: str, body: dict[str, Any]) -> tuple[httpx.Response, list[di
                     break
                 chunks.append(json.loads(data))
     return r, chunks
+
+
+def engine_call(app: str, deployment: str, body: dict[str, Any], endpoint: str = "chat") -> list[tuple]:
+    """Call one engine deployment of a running app directly (no router); return its items."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment, app_name=app).options(stream=True)
+    return [item for batch in handle.generate.remote(endpoint, body) for item in batch]
+
+
+def set_kv_faults(app: str, deployment: str, spec: dict[str, Any] | None) -> dict[str, Any]:
+    from ray import serve
+
+    return serve.get_deployment_handle(deployment, app_name=app).set_kv_faults.remote(spec).result()

@@ -28,15 +28,17 @@ def _token_ids(resp) -> list[int]:
     return resp.json()["choices"][0]["token_ids"]
 
 
-def test_pd_greedy_output_equals_monolithic_and_kv_moved(clusters):
+@pytest.mark.parametrize("transport", ["nixl", "grpc"])
+def test_pd_greedy_output_equals_monolithic_and_kv_moved(clusters, transport):
+    url = clusters.pd_url if transport == "nixl" else clusters.grpc_url
     prompts = [_prompt(i, n) for i, n in enumerate(PROMPT_WORDS)]
-    hits_before = pool_totals(clusters.pd_url, "decode", "external_hit_tokens_total")
-    bytes_before = pool_totals(clusters.pd_url, "decode", "kv_transfer_bytes_total")
-    transfers_before = pool_totals(clusters.pd_url, "decode", "kv_transfers_total")
+    hits_before = pool_totals(url, "decode", "external_hit_tokens_total")
+    bytes_before = pool_totals(url, "decode", "kv_transfer_bytes_total")
+    transfers_before = pool_totals(url, "decode", "kv_transfers_total")
 
     pd, prompt_tokens = [], []
     for p in prompts:
-        r = post(clusters.pd_url, "/v1/chat/completions", chat_body(p))
+        r = post(url, "/v1/chat/completions", chat_body(p))
         assert r.headers["x-pdserve-path"] == "pd", r.headers
         pd.append(_token_ids(r))
         prompt_tokens.append(r.json()["usage"]["prompt_tokens"])
@@ -53,9 +55,9 @@ def test_pd_greedy_output_equals_monolithic_and_kv_moved(clusters):
 
     # Proof that decode loaded the prompts' KV from prefill instead of recomputing it:
     # its connector reported the prompt tokens as external hits and moved the bytes.
-    hits = pool_totals(clusters.pd_url, "decode", "external_hit_tokens_total") - hits_before
-    moved = pool_totals(clusters.pd_url, "decode", "kv_transfer_bytes_total") - bytes_before
-    transfers = pool_totals(clusters.pd_url, "decode", "kv_transfers_total") - transfers_before
+    hits = pool_totals(url, "decode", "external_hit_tokens_total") - hits_before
+    moved = pool_totals(url, "decode", "kv_transfer_bytes_total") - bytes_before
+    transfers = pool_totals(url, "decode", "kv_transfers_total") - transfers_before
     assert hits >= sum(n - 1 for n in prompt_tokens), (hits, prompt_tokens)
     assert transfers >= len(prompts)
     kv_bytes_per_token = 2 * 2 * 64 * 2 * 2  # layers x kv heads x head_dim x (K,V) x bf16

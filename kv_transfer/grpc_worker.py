@@ -1,0 +1,118 @@
+"""Worker-side half of the gRPC KV connector: serves leased blocks (prefill), pulls them (decode).
+
+Pulls run on a small thread pool beside the engine loop, so a slow or dead prefill
+never stalls decoding of other requests; vLLM keeps the pulling request parked in
+WAITING_FOR_REMOTE_KVS until ``get_transfer_results`` reports it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
+
+from pdserve.kv_transfer.faults import FaultSwitch
+from pdserve.kv_transfer.grpc_scheduler import GrpcKVMetadata
+from pdserve.kv_transfer.grpc_settings import GrpcKVSettings
+from pdserve.kv_transfer.grpc_stats import GrpcKVStats
+from pdserve.kv_transfer.kv_layout import BlockLayout
+from pdserve.kv_transfer.kv_puller import KVPuller, PullJob, TransferFailed
+from pdserve.kv_transfer.kv_server import KVStreamServicer, LeaseTable, start_server
+
+logger = logging.getLogger("pdserve.kv_transfer")
+
+
+class GrpcKVWorker:
+    def __init__(self, engine_id: str, settings: GrpcKVSettings, num_blocks: int,
+                 is_producer: bool, is_consumer: bool):
+        self.engine_id = engine_id
+        self.settings = settings
+        self.num_blocks = num_blocks
+        self.is_producer = is_producer
+        self.is_consumer = is_consumer
+        self.leases = LeaseTable()
+        self.faults = FaultSwitch(settings.fault_file)
+        self.layout: BlockLayout | None = None
+        self._server = None
+        self._puller: KVPuller | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._loaded: set[str] = set()
+        self._failed: set[str] = set()
+        self._stats = GrpcKVStats()
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        s = self.settings
+        self.layout = BlockLayout(kv_caches, self.num_blocks)
+        if self.is_producer:
+            servicer = KVStreamServicer(self.engine_id, self.leases, self.layout, s.chunk_bytes, self.faults)
+            self._server = start_server(servicer, f"{s.bind_host}:{s.port}", s.max_message_bytes, s.tls())
+            logger.info("gRPC KV server on %s:%d (%d layers, %d B per block-layer)",
+                        s.bind_host, s.port, self.layout.num_layers, self.layout.block_bytes)
+        if self.is_consumer:
+            self._puller = KVPuller(self.layout, s.deadline_s, s.max_message_bytes, s.tls())
+            self._pool = ThreadPoolExecutor(max_workers=s.pull_workers, thread_name_prefix="kv-pull")
+
+    def start_load_kv(self, meta: GrpcKVMetadata) -> None:
+        for request_id, (block_ids, expires_at) in meta.leases.items():
+            self.leases.add(request_id, block_ids, expires_at)
+        if self._pool is None:
+            return
+        for job in meta.pulls:
+            self._pool.submit(self._pull, job)
+        for job in meta.releases:
+            self._pool.submit(self._puller.release, None, job, False)
+
+    def _pull(self, job: PullJob) -> None:
+        start = time.perf_counter()
+        try:
+            nbytes = self._puller.pull(job)
+        except TransferFailed as e:
+            logger.warning("KV pull of %s from %s:%d failed (%s); vLLM's load-failure policy takes over",
+                           job.request_id, job.host, job.port, e)
+            with self._lock:
+                self._failed.add(job.request_id)
+                self._stats.record_failure(e.kind, job.remote_request_id)
+            return
+        except Exception as e:  # noqa: BLE001 - any other error is still a failed load, never a hang
+            logger.exception("KV pull of %s crashed", job.request_id)
+            with self._lock:
+                self._failed.add(job.request_id)
+                self._stats.record_failure(type(e).__name__, job.remote_request_id)
+            return
+        with self._lock:
+            self._loaded.add(job.request_id)
+            self._stats.record_transfer(time.perf_counter() - start, nbytes, job.remote_request_id)
+
+    def get_transfer_results(self) -> KVConnectorTransferResults:
+        sending: set[str] = set()
+        if self.is_producer:
+            sending, expired = self.leases.collect_ended(time.monotonic())
+            if expired:
+                logger.warning("%d KV lease(s) expired without a pull; blocks freed", expired)
+                with self._lock:
+                    for _ in range(expired):
+                        self._stats.record_expired_lease()
+        with self._lock:
+            loaded, failed = self._loaded, self._failed
+            self._loaded, self._failed = set(), set()
+        return KVConnectorTransferResults(
+            finished_sending=sending, finished_recving=loaded | failed, failed_recving=failed
+        )
+
+    def take_stats(self) -> GrpcKVStats | None:
+        with self._lock:
+            return self._stats.take()
+
+    def shutdown(self) -> None:
+        if self._server is not None:
+            self._server.stop(grace=1.0)
+            self._server = None
+        self.leases.drop_all()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._puller is not None:
+            self._puller.close()

@@ -1,0 +1,202 @@
+"""The prefill side of the gRPC KV stream: leases on finished requests and the server that streams them.
+
+The server runs in the prefill engine's worker process (it reads the engine's own
+KV tensors) and starts and stops with the connector. A lease ends three ways:
+decode releases it, it expires, or the engine shuts down. Either way the blocks go
+back to vLLM through ``get_finished`` on the next engine step.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from collections import OrderedDict
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdserve.kv_transfer import kv_stream_pb2 as pb
+from pdserve.kv_transfer import kv_stream_pb2_grpc as pb_grpc
+from pdserve.kv_transfer.faults import FaultSwitch
+from pdserve.kv_transfer.kv_layout import BlockLayout
+
+logger = logging.getLogger(__name__)
+
+# A pull can arrive before the engine step that registers its lease; wait this long for it.
+_LEASE_REGISTRATION_WAIT_S = 5.0
+_EXPIRED_MEMORY = 4096
+
+
+@dataclass
+class Lease:
+    block_ids: list[int]
+    expires_at: float  # time.monotonic(), shared by the engine's processes on one host
+    active_streams: int = 0
+    released: bool = False
+
+
+@dataclass
+class LeaseTable:
+    """Requests whose blocks are held for a remote decode, and those whose hold has ended."""
+
+    leases: dict[str, Lease] = field(default_factory=dict)
+    ended: set[str] = field(default_factory=set)
+    expired: "OrderedDict[str, None]" = field(default_factory=OrderedDict)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def add(self, request_id: str, block_ids: list[int], expires_at: float) -> None:
+        with self.cond:
+            self.leases[request_id] = Lease(list(block_ids), expires_at)
+            self.cond.notify_all()
+
+    def acquire(self, request_id: str, wait_s: float) -> Lease | str:
+        """Pins the lease for one stream, or says why it can't ("expired" / "unknown")."""
+        deadline = time.monotonic() + wait_s
+        with self.cond:
+            while True:
+                lease = self.leases.get(request_id)
+                if lease is not None and not lease.released:
+                    lease.active_streams += 1
+                    return lease
+                if request_id in self.expired:
+                    return "expired"
+                if lease is not None and lease.released:
+                    return "released"
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return "unknown"
+                self.cond.wait(left)
+
+    def unpin(self, request_id: str) -> None:
+        with self.cond:
+            lease = self.leases.get(request_id)
+            if lease is not None:
+                lease.active_streams -= 1
+
+    def release(self, request_id: str) -> bool:
+        with self.cond:
+            lease = self.leases.get(request_id)
+            if lease is None or lease.released:
+                return False
+            lease.released = True
+            return True
+
+    def collect_ended(self, now: float) -> tuple[set[str], int]:
+        """Ids whose blocks may be freed now, and how many of them expired unpulled.
+
+        A lease with a stream still reading is never reclaimed: freeing blocks under a
+        reader would send another request's KV with valid checksums.
+        """
+        done: set[str] = set()
+        expired = 0
+        with self.cond:
+            for rid, lease in list(self.leases.items()):
+                if lease.active_streams > 0:
+                    continue
+                if lease.released:
+                    done.add(rid)
+                elif now >= lease.expires_at:
+                    done.add(rid)
+                    expired += 1
+                    self.expired[rid] = None
+                    while len(self.expired) > _EXPIRED_MEMORY:
+                        self.expired.popitem(last=False)
+            for rid in done:
+                del self.leases[rid]
+        return done, expired
+
+    def drop_all(self) -> set[str]:
+        with self.cond:
+            ids = set(self.leases)
+            self.leases.clear()
+            return ids
+
+
+class KVStreamServicer(pb_grpc.KVStreamServicer):
+    def __init__(self, engine_id: str, table: LeaseTable, layout: BlockLayout,
+                 chunk_bytes: int, faults: FaultSwitch):
+        self.engine_id = engine_id
+        self.table = table
+        self.layout = layout
+        self.chunk_bytes = chunk_bytes
+        self.faults = faults
+
+    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext):
+        if request.engine_id != self.engine_id:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"engine id mismatch: this is {self.engine_id}, asked for {request.engine_id}")
+        fault = self.faults.current()
+        if fault.kill_links or self.faults.roll(fault.fail):
+            context.abort(grpc.StatusCode.UNAVAILABLE, "KV link down (injected fault)")
+        got = self.table.acquire(request.request_id, _LEASE_REGISTRATION_WAIT_S)
+        if isinstance(got, str):
+            code = grpc.StatusCode.NOT_FOUND if got == "unknown" else grpc.StatusCode.FAILED_PRECONDITION
+            context.abort(code, f"no KV lease for request {request.request_id!r}: {got}")
+        try:
+            yield from self._stream(got, request, context, fault)
+        finally:
+            self.table.unpin(request.request_id)
+
+    def _stream(self, lease: Lease, request: pb.PullRequest, context, fault):
+        first = request.first_block
+        wanted = lease.block_ids[first:first + request.num_blocks] if request.num_blocks else lease.block_ids[first:]
+        if fault.delay_s and self.faults.roll(fault.delay_fraction):
+            # Stalls like a slow link, but ends with the call: a puller that gave up at its
+            # deadline must not keep the lease pinned for the rest of the stall.
+            until = time.monotonic() + fault.delay_s
+            while context.is_active() and time.monotonic() < until:
+                time.sleep(0.05)
+        corrupt = self.faults.roll(fault.corrupt)
+        layout = self.layout
+        for layer in range(layout.num_layers):
+            for start, count in layout.chunks(len(wanted), self.chunk_bytes):
+                if not context.is_active():
+                    return
+                data = layout.read(layer, wanted[start:start + count])
+                crc = zlib.crc32(data)
+                if corrupt:
+                    data = bytes([data[0] ^ 0xFF]) + data[1:]
+                    corrupt = False
+                yield pb.KVChunk(layer=layer, first_block=start, num_blocks=count, data=data, crc32=crc,
+                                 num_layers=layout.num_layers, total_blocks=len(wanted),
+                                 block_bytes=layout.block_bytes)
+
+    def Release(self, request: pb.ReleaseRequest, context):
+        if not request.ok:
+            logger.warning("decode rejected the KV of %s; it recomputes", request.request_id)
+        return pb.ReleaseReply(was_leased=self.table.release(request.request_id))
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    cert: str | None = None   # PEM certificate of this endpoint (server side)
+    key: str | None = None    # its private key
+    ca: str | None = None     # CA that signed the peer (client side: the server's CA)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def start_server(servicer: KVStreamServicer, bind: str, max_message_bytes: int,
+                 tls: TLSFiles | None, workers: int = 8) -> grpc.Server:
+    options = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kv-stream"),
+                         options=options)
+    pb_grpc.add_KVStreamServicer_to_server(servicer, server)
+    if tls and tls.cert and tls.key:
+        creds = grpc.ssl_server_credentials([(_read(tls.key), _read(tls.cert))])
+        port = server.add_secure_port(bind, creds)
+    else:
+        port = server.add_insecure_port(bind)
+    if port == 0:
+        raise RuntimeError(f"gRPC KV server could not bind {bind} (port in use?)")
+    server.start()
+    return server

@@ -1,0 +1,253 @@
+"""The gRPC KV stream in-process: real gRPC server and puller over loopback, KV tensors shaped
+like the CPU backend's ([num_blocks, kv_heads, block_size, 2 * head_dim], bf16)."""
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdserve.kv_transfer.faults import FaultSpec, FaultSwitch, write_faults
+from pdserve.kv_transfer.kv_layout import BlockLayout, LayoutMismatch
+from pdserve.kv_transfer.kv_puller import KVPuller, PullJob, TransferFailed
+from pdserve.kv_transfer.kv_server import KVStreamServicer, LeaseTable, start_server
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_BLOCKS = 40
+ENGINE = "engine-p"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _caches(seed: int, layers: int = 2) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"model.layers.{i}.attn": torch.randn(NUM_BLOCKS, 2, 32, 128, generator=g).to(torch.bfloat16)
+            for i in range(layers)}
+
+
+class Prefill:
+    def __init__(self, tmp_path, chunk_bytes=16 << 10):
+        self.caches = _caches(1)
+        self.layout = BlockLayout(self.caches, NUM_BLOCKS)
+        self.table = LeaseTable()
+        self.fault_file = str(tmp_path / "faults.json")
+        self.port = _free_port()
+        servicer = KVStreamServicer(ENGINE, self.table, self.layout, chunk_bytes, FaultSwitch(self.fault_file))
+        self.server = start_server(servicer, f"127.0.0.1:{self.port}", 8 << 20, None)
+
+    def lease(self, rid: str, blocks: list[int], seconds: float = 30.0) -> None:
+        self.table.add(rid, blocks, time.monotonic() + seconds)
+
+    def job(self, rid: str, local: list[int], first: int = 0, port: int | None = None) -> PullJob:
+        return PullJob(request_id="d-" + rid, remote_request_id=rid, remote_engine_id=ENGINE, host="127.0.0.1",
+                       port=port or self.port, local_block_ids=local, first_remote_block=first)
+
+
+@pytest.fixture
+def prefill(tmp_path):
+    p = Prefill(tmp_path)
+    yield p
+    p.server.stop(grace=0)
+
+
+@pytest.fixture
+def decode():
+    caches = _caches(2)
+    return caches, KVPuller(BlockLayout(caches, NUM_BLOCKS), deadline_s=2.0, max_message_bytes=8 << 20, tls=None)
+
+
+def _blocks_equal(src, src_ids, dst, dst_ids) -> bool:
+    return all(torch.equal(src[name][src_ids], dst[name][dst_ids]) for name in src)
+
+
+def test_pull_moves_exact_blocks_in_chunks_and_releases_the_lease(prefill, decode):
+    caches, puller = decode
+    remote = [3, 17, 5, 30, 31, 8, 9]
+    prefill.lease("r1", remote)
+    local = [0, 1, 2, 20, 21, 22, 39]
+    untouched = caches["model.layers.0.attn"][10].clone()
+    nbytes = puller.pull(prefill.job("r1", local))
+    assert nbytes == len(remote) * 2 * prefill.layout.block_bytes
+    assert _blocks_equal(prefill.caches, remote, caches, local)
+    assert torch.equal(caches["model.layers.0.attn"][10], untouched)
+    done, expired = prefill.table.collect_ended(time.monotonic())
+    assert done == {"r1"} and expired == 0
+
+
+def test_pull_skips_the_blocks_decode_already_holds(prefill, decode):
+    caches, puller = decode
+    prefill.lease("r2", [4, 5, 6, 7])
+    before = caches["model.layers.1.attn"][0].clone()
+    puller.pull(prefill.job("r2", [11, 12], first=2))
+    assert _blocks_equal(prefill.caches, [6, 7], caches, [11, 12])
+    assert torch.equal(caches["model.layers.1.attn"][0], before)
+
+
+def test_corrupted_chunk_is_detected(prefill, decode):
+    caches, puller = decode
+    prefill.lease("r3", [1, 2, 3])
+    write_faults(prefill.fault_file, {"corrupt": 1.0})
+    with pytest.raises(TransferFailed) as e:
+        puller.pull(prefill.job("r3", [5, 6, 7]))
+    assert e.value.kind == "checksum"
+    # The failed pull still ends the lease, so prefill frees the blocks at once.
+    assert prefill.table.collect_ended(time.monotonic())[0] == {"r3"}
+
+
+def test_unreachable_endpoint_fails_fast(decode):
+    _, puller = decode
+    job = PullJob("d", "r", ENGINE, "127.0.0.1", _free_port(), [1], 0)
+    start = time.monotonic()
+    with pytest.raises(TransferFailed) as e:
+        puller.pull(job)
+    assert e.value.kind == "unreachable"
+    assert time.monotonic() - start < 2.0 + 1.0
+
+
+def test_slow_transfer_is_cut_at_the_deadline(prefill, decode):
+    _, puller = decode
+    prefill.lease("r4", [1])
+    write_faults(prefill.fault_file, {"delay_s": 5.0})
+    start = time.monotonic()
+    with pytest.raises(TransferFailed) as e:
+        puller.pull(prefill.job("r4", [2]))
+    assert e.value.kind == "deadline"
+    assert time.monotonic() - start < 2.0 + 1.0
+
+
+def test_killed_link_refuses_transfers_until_healed(prefill, decode):
+    caches, puller = decode
+    prefill.lease("r5", [1])
+    write_faults(prefill.fault_file, {"kill_links": True})
+    with pytest.raises(TransferFailed) as e:
+        puller.pull(prefill.job("r5", [2]))
+    assert e.value.kind == "unreachable"
+    prefill.lease("r6", [1])
+    write_faults(prefill.fault_file, None)
+    puller.pull(prefill.job("r6", [2]))
+    assert _blocks_equal(prefill.caches, [1], caches, [2])
+
+
+def test_expired_lease_frees_blocks_and_a_later_pull_fails_cleanly(prefill, decode):
+    _, puller = decode
+    prefill.lease("r7", [1, 2], seconds=0.1)
+    time.sleep(0.2)
+    done, expired = prefill.table.collect_ended(time.monotonic())
+    assert done == {"r7"} and expired == 1
+    with pytest.raises(TransferFailed) as e:
+        puller.pull(prefill.job("r7", [3, 4]))
+    assert e.value.kind == "lease_expired"
+
+
+def test_unknown_request_and_wrong_engine_are_refused(prefill, decode):
+    _, puller = decode
+    import pdserve.kv_transfer.kv_server as server
+
+    server_wait = server._LEASE_REGISTRATION_WAIT_S
+    server._LEASE_REGISTRATION_WAIT_S = 0.2
+    try:
+        with pytest.raises(TransferFailed) as e:
+            puller.pull(prefill.job("never-leased", [1]))
+        assert e.value.kind == "lease_unknown"
+    finally:
+        server._LEASE_REGISTRATION_WAIT_S = server_wait
+    prefill.lease("r8", [1])
+    job = prefill.job("r8", [1])
+    with pytest.raises(TransferFailed):
+        puller.pull(PullJob(job.request_id, "r8", "other-engine", job.host, job.port, [1], 0))
+
+
+def test_a_lease_under_an_active_stream_is_not_reclaimed():
+    table = LeaseTable()
+    table.add("r", [1], time.monotonic() - 1)
+    lease = table.acquire("r", 0.1)
+    assert not isinstance(lease, str)
+    assert table.collect_ended(time.monotonic()) == (set(), 0)
+    table.unpin("r")
+    assert table.collect_ended(time.monotonic()) == ({"r"}, 1)
+
+
+def test_pull_that_registers_late_waits_for_its_lease(prefill, decode):
+    import threading
+
+    caches, puller = decode
+    threading.Timer(0.3, prefill.lease, args=("late", [9])).start()
+    puller.pull(prefill.job("late", [19]))
+    assert _blocks_equal(prefill.caches, [9], caches, [19])
+
+
+def test_layout_mismatch_is_refused():
+    small = BlockLayout({"a": torch.zeros(NUM_BLOCKS, 2, 32, 64, dtype=torch.bfloat16)}, NUM_BLOCKS)
+    with pytest.raises(LayoutMismatch):
+        small.write(0, [1], b"\0" * (small.block_bytes + 2))
+    with pytest.raises(ValueError, match="no axis"):
+        BlockLayout({"a": torch.zeros(8, 8)}, NUM_BLOCKS)
+
+
+def test_fault_spec_rejects_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="unknown fault keys"):
+        FaultSpec.from_dict({"explode": True})
+    with pytest.raises(ValueError, match="fraction"):
+        FaultSpec.from_dict({"fail": 2})
+    switch = FaultSwitch(str(tmp_path / "f.json"))
+    assert switch.current().is_empty()
+    write_faults(switch.path, {"fail": 0.5})
+    assert switch.current().fail == 0.5
+    write_faults(switch.path, None)
+    assert switch.current().is_empty()
+
+
+def test_config_validation_of_grpc_settings(tmp_path):
+    from pydantic import ValidationError
+
+    from pdserve.engine.config import load_config
+
+    base = (ROOT / "configs" / "cpu-pd-grpc.yaml").read_text()
+    cases = {
+        "chunk_bytes must leave": "    chunk_bytes: 67108864\n",
+        "'cert' and 'key' go together": f"    tls: {{cert: {tmp_path}/c.pem, ca: {tmp_path}/c.pem}}\n",
+        "file not found": f"    tls: {{cert: {tmp_path}/none.pem, key: {tmp_path}/none.key, ca: {tmp_path}/ca.pem}}\n",
+    }
+    (tmp_path / "c.pem").write_text("x")
+    for message, line in cases.items():
+        text = base.replace("    max_message_bytes: 67108864\n", "    max_message_bytes: 67108864\n" + line)
+        if "chunk_bytes" in line:
+            text = text.replace("    chunk_bytes: 4194304", "")
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        with pytest.raises(ValidationError, match=message):
+            load_config(path)
+
+
+def test_registry_selects_our_connector_for_grpc():
+    from pdserve.engine.config import load_config
+    from pdserve.kv_transfer.grpc_settings import GrpcKVSettings
+    from pdserve.kv_transfer.registry import kv_transfer_config_for
+
+    cfg = load_config(ROOT / "configs" / "cpu-pd-grpc.yaml")
+    kv = kv_transfer_config_for(cfg, "decode", port=15700, host="10.0.0.2")
+    assert kv["kv_connector"] == "GrpcKVConnector" and kv["kv_role"] == "kv_consumer"
+    assert kv["kv_connector_module_path"] == "pdserve.kv_transfer.grpc_connector"
+    settings = GrpcKVSettings.from_extra(kv["kv_connector_extra_config"])
+    assert (settings.host, settings.port, settings.deadline_s) == ("10.0.0.2", 15700, 10.0)
+
+
+@pytest.mark.skipif(shutil.which("true") is None, reason="needs a POSIX shell")
+def test_checked_in_grpc_code_matches_the_proto(tmp_path):
+    pytest.importorskip("grpc_tools", reason="grpcio-tools is in the 'test' extra")
+    out = tmp_path / "pdserve" / "kv_transfer"
+    out.mkdir(parents=True)
+    shutil.copy(ROOT / "kv_transfer" / "kv_stream.proto", out)
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--grpc_python_out=.",
+                    "pdserve/kv_transfer/kv_stream.proto"], cwd=tmp_path, check=True)
+    for name in ("kv_stream_pb2.py", "kv_stream_pb2_grpc.py"):
+        assert (out / name).read_text() == (ROOT / "kv_transfer" / name).read_text(), f"{name} is stale: run make proto"
