@@ -31,11 +31,12 @@ bench: setup
 clean:
 	rm -rf $(VENV) *.egg-info
 
-# Regenerates kv_transfer/kv_stream_pb2*.py from kv_transfer/kv_stream.proto (checked in;
-# tests/test_grpc_kv.py checks they match). Generated under pdserve/kv_transfer so imports are absolute.
+# Regenerates kv_transfer/kv_stream_pb2.py from kv_transfer/kv_stream.proto (checked in;
+# tests/test_grpc_kv.py checks it matches). The service is wired by hand (kv_server.py,
+# kv_puller.py) so KV payloads skip protobuf's copies; see kv_transfer/kv_wire.py.
 proto: $(STAMP)
 	rm -rf .proto-build && mkdir -p .proto-build/pdserve/kv_transfer
 	cp kv_transfer/kv_stream.proto .proto-build/pdserve/kv_transfer/
-	cd .proto-build && ../$(VENV)/bin/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. pdserve/kv_transfer/kv_stream.proto
-	cp .proto-build/pdserve/kv_transfer/kv_stream_pb2.py .proto-build/pdserve/kv_transfer/kv_stream_pb2_grpc.py kv_transfer/
+	cd .proto-build && ../$(VENV)/bin/python -m grpc_tools.protoc -I. --python_out=. pdserve/kv_transfer/kv_stream.proto
+	cp .proto-build/pdserve/kv_transfer/kv_stream_pb2.py kv_transfer/
 	rm -rf .proto-build

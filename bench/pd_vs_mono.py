@@ -1,6 +1,7 @@
-"""Benchmark: the same workload through pdserve P/D, pdserve monolithic, and one engine
-called directly (vLLM AsyncLLM in-process, no HTTP). Prints TTFT / TPOT / E2E p50 and
-p95 for each arm and the ratios between them; all arms measured in one run.
+"""Benchmark: the same workload through pdserve P/D (KV over NIXL, and over our gRPC stream),
+pdserve monolithic, and one engine called directly (vLLM AsyncLLM in-process, no HTTP).
+Prints TTFT / TPOT / E2E p50 and p95 for each arm and the ratios between them; all arms
+measured in one run.
 
     python -m pdserve.bench.pd_vs_mono [--requests 80 --rate 4 --input-words 200 --output 64]
 
@@ -95,6 +96,14 @@ async def _direct(bodies, rate: float, warmup) -> list[RequestResult]:
         await server.shutdown()
 
 
+_ARMS = {
+    "pd": ("cpu-pd.yaml", "pdserve P/D (NIXL)"),
+    "pd-grpc": ("cpu-pd-grpc.yaml", "pdserve P/D (gRPC)"),
+    "monolithic": ("cpu-monolithic.yaml", "pdserve monolithic"),
+    "direct": (None, "direct AsyncLLM"),
+}
+
+
 def _fmt(s: dict) -> str:
     return (f"TTFT p50 {s['p50_ttft_ms']:7.1f} ms  p95 {s['p95_ttft_ms']:7.1f} ms | "
             f"TPOT p50 {s['p50_tpot_ms']:6.2f} ms  p95 {s['p95_tpot_ms']:6.2f} ms | "
@@ -108,7 +117,8 @@ def main(argv=None) -> int:
     p.add_argument("--input-words", type=int, default=200, help="≈256 prompt tokens with the tiny tokenizer")
     p.add_argument("--output", type=int, default=64)
     p.add_argument("--json", default=None, help="also write the figures here")
-    p.add_argument("--arms", default="pd,monolithic,direct", help="comma-separated subset of pd,monolithic,direct")
+    p.add_argument("--arms", default=",".join(_ARMS),
+                   help=f"comma-separated subset of {','.join(_ARMS)}")
     args = p.parse_args(argv)
 
     bodies = make_bodies(args.requests, args.input_words, args.output)
@@ -116,19 +126,19 @@ def main(argv=None) -> int:
     arms = {}
     print(f"workload: {args.requests} chat requests, ~{args.input_words} words in, {args.output} tokens out, "
           f"Poisson {args.rate} req/s, streaming, greedy", flush=True)
-    wanted = args.arms.split(",")
-    if "pd" in wanted:
-        arms["pd"] = run_cluster_arm("cpu-pd.yaml", bodies, args.rate, warmup)
-        print("pdserve P/D        :", _fmt(arms["pd"]), flush=True)
-    if "monolithic" in wanted:
-        arms["monolithic"] = run_cluster_arm("cpu-monolithic.yaml", bodies, args.rate, warmup)
-        print("pdserve monolithic :", _fmt(arms["monolithic"]), flush=True)
-    if "direct" in wanted:
-        arms["direct"] = summarize(asyncio.run(_direct(bodies, args.rate, warmup)))
-        print("direct AsyncLLM    :", _fmt(arms["direct"]), flush=True)
+    for arm in args.arms.split(","):
+        if arm not in _ARMS:
+            p.error(f"unknown arm {arm!r}; choose from {', '.join(_ARMS)}")
+        config, label = _ARMS[arm]
+        if config is None:
+            arms[arm] = summarize(asyncio.run(_direct(bodies, args.rate, warmup)))
+        else:
+            arms[arm] = run_cluster_arm(config, bodies, args.rate, warmup)
+        print(f"{label:<22}:", _fmt(arms[arm]), flush=True)
 
     print("\nratios (same run):")
-    for a, b in (("pd", "monolithic"), ("pd", "direct"), ("monolithic", "direct")):
+    for a, b in (("pd", "monolithic"), ("pd-grpc", "monolithic"), ("pd-grpc", "pd"), ("pd", "direct"),
+                 ("pd-grpc", "direct"), ("monolithic", "direct")):
         if a not in arms or b not in arms:
             continue
         r = {m: arms[a][f"p50_{m}_ms"] / arms[b][f"p50_{m}_ms"] for m in ("ttft", "tpot", "e2e")}

@@ -11,13 +11,13 @@ import urllib.request
 
 
 def _cmd_model(args) -> int:
-    from pdserve.engine.tiny_model import write_tiny_model
+    from pdserve.engine.tiny_model import BUILTIN_MODELS, write_tiny_model
 
-    if args.name != "tiny":
-        print(f"pdserve model: unknown model {args.name!r}; available: tiny", file=sys.stderr)
+    if args.name not in BUILTIN_MODELS:
+        print(f"pdserve model: unknown model {args.name!r}; available: {', '.join(BUILTIN_MODELS)}", file=sys.stderr)
         return 2
-    out = write_tiny_model(args.out)
-    print(f"wrote the tiny model to {out}")
+    out = write_tiny_model(args.out, args.name)
+    print(f"wrote the {args.name} model to {out}")
     return 0
 
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     st.set_defaults(fn=_cmd_status)
 
     m = sub.add_parser("model", help="write a built-in model directory")
-    m.add_argument("name", help="built-in model name (tiny)")
+    m.add_argument("name", help="built-in model name (tiny, tiny-wide)")
     m.add_argument("--out", required=True)
     m.set_defaults(fn=_cmd_model)
 

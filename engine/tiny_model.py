@@ -38,6 +38,15 @@ TINY_CONFIG = {
     "pad_token_id": 2,
 }
 
+# Same tokenizer and compute class, but 32 KiB of KV per token (8 layers x 16 KV heads x 64 x
+# 2 x 2 bytes): a 2,048-token prompt moves 64 MiB, enough to measure transfer bandwidth.
+WIDE_NAME = "tiny-wide"
+BUILTIN_MODELS = {
+    TINY_NAME: TINY_CONFIG,
+    WIDE_NAME: dict(TINY_CONFIG, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                    num_attention_heads=16, num_key_value_heads=16),
+}
+
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>"]
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -101,15 +110,16 @@ def _train_tokenizer(vocab_size: int):
     return tok
 
 
-def write_tiny_model(out_dir: str | os.PathLike) -> Path:
-    """Write config.json, tokenizer files and the chat template into ``out_dir``."""
+def write_tiny_model(out_dir: str | os.PathLike, name: str = TINY_NAME) -> Path:
+    """Write config.json, tokenizer files and the chat template of built-in ``name`` into ``out_dir``."""
+    model_config = BUILTIN_MODELS[name]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = _train_tokenizer(TINY_CONFIG["vocab_size"])
+    tok = _train_tokenizer(model_config["vocab_size"])
     tok.save(str(out / "tokenizer.json"))
     # The model's vocabulary must match the tokenizer's, or greedy decoding of random
     # weights picks ids the tokenizer cannot decode.
-    config = dict(TINY_CONFIG, vocab_size=tok.get_vocab_size())
+    config = dict(model_config, vocab_size=tok.get_vocab_size())
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(
         json.dumps({"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}, indent=2)
@@ -123,7 +133,7 @@ def write_tiny_model(out_dir: str | os.PathLike) -> Path:
                 "pad_token": "<|pad|>",
                 "unk_token": None,
                 "add_bos_token": False,
-                "model_max_length": TINY_CONFIG["max_position_embeddings"],
+                "model_max_length": model_config["max_position_embeddings"],
                 "chat_template": CHAT_TEMPLATE,
                 "clean_up_tokenization_spaces": False,
             },
@@ -143,7 +153,8 @@ def cache_dir() -> Path:
 
 
 def _builtin_dir(name: str) -> Path:
-    digest = hashlib.sha256((json.dumps(TINY_CONFIG, sort_keys=True) + CHAT_TEMPLATE + TINY_VERSION).encode()).hexdigest()[:12]
+    config = json.dumps(BUILTIN_MODELS[name], sort_keys=True)
+    digest = hashlib.sha256((config + CHAT_TEMPLATE + TINY_VERSION).encode()).hexdigest()[:12]
     return cache_dir() / "models" / f"{name}-{digest}"
 
 
@@ -152,13 +163,14 @@ def resolve_model(model: str) -> str:
     if not model.startswith(BUILTIN_PREFIX):
         return model
     name = model[len(BUILTIN_PREFIX):]
-    if name != TINY_NAME:
-        raise ValueError(f"unknown built-in model {model!r}; the built-in models are: {BUILTIN_PREFIX}{TINY_NAME}")
+    if name not in BUILTIN_MODELS:
+        known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)
+        raise ValueError(f"unknown built-in model {model!r}; the built-in models are: {known}")
     target = _builtin_dir(name)
     if (target / "PDSERVE_TINY").exists():
         return str(target)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    write_tiny_model(tmp)
+    write_tiny_model(tmp, name)
     try:
         os.replace(tmp, target)
     except OSError:

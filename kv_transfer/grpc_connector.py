@@ -14,7 +14,7 @@ The flow is NIXL's pull model over TCP:
 2. Decode gets the request with those params. ``get_num_new_matched_tokens`` claims
    the prompt as external tokens to load asynchronously; ``update_state_after_alloc``
    plans a pull into the freshly allocated blocks.
-3. The decode worker pulls in layer-by-layer chunks, checks each chunk's CRC-32,
+3. The decode worker pulls in layer-by-layer chunks, checks each chunk's CRC-32C,
    writes the blocks, and releases the lease. vLLM then recomputes the last prompt
    token and decodes.
 4. Any failure (unreachable, deadline, stream cut, checksum, lease gone) is reported

@@ -64,28 +64,29 @@ class GrpcKVWorker:
         for job in meta.pulls:
             self._pool.submit(self._pull, job)
         for job in meta.releases:
-            self._pool.submit(self._puller.release, None, job, False)
+            self._pool.submit(self._puller.release, job, False)
 
     def _pull(self, job: PullJob) -> None:
         start = time.perf_counter()
         try:
             nbytes = self._puller.pull(job)
-        except TransferFailed as e:
-            logger.warning("KV pull of %s from %s:%d failed (%s); vLLM's load-failure policy takes over",
-                           job.request_id, job.host, job.port, e)
+        except Exception as e:  # noqa: BLE001 - any error is a failed load, never a hang
+            kind = e.kind if isinstance(e, TransferFailed) else type(e).__name__
+            if isinstance(e, TransferFailed):
+                logger.warning("KV pull of %s from %s:%d failed (%s); vLLM's load-failure policy takes over",
+                               job.request_id, job.host, job.port, e)
+            else:
+                logger.exception("KV pull of %s crashed", job.request_id)
             with self._lock:
                 self._failed.add(job.request_id)
-                self._stats.record_failure(e.kind, job.remote_request_id)
-            return
-        except Exception as e:  # noqa: BLE001 - any other error is still a failed load, never a hang
-            logger.exception("KV pull of %s crashed", job.request_id)
-            with self._lock:
-                self._failed.add(job.request_id)
-                self._stats.record_failure(type(e).__name__, job.remote_request_id)
+                self._stats.record_failure(kind, job.remote_request_id)
+            if kind != "unreachable":
+                self._puller.release(job, ok=False)
             return
         with self._lock:
             self._loaded.add(job.request_id)
             self._stats.record_transfer(time.perf_counter() - start, nbytes, job.remote_request_id)
+        self._puller.release(job, ok=True)
 
     def get_transfer_results(self) -> KVConnectorTransferResults:
         sending: set[str] = set()

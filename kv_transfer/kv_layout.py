@@ -52,16 +52,35 @@ class BlockLayout:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def read(self, layer: int, block_ids: list[int]) -> bytes:
-        """The bytes of ``block_ids`` of one layer, blocks in the given order."""
-        entry = self.layers[layer]
-        idx = torch.tensor(block_ids, dtype=torch.long)
-        blocks = entry.cache.index_select(entry.block_dim, idx)
-        if entry.block_dim != 0:
-            blocks = blocks.movedim(entry.block_dim, 0)
-        return blocks.contiguous().view(torch.uint8).numpy().tobytes()
+    def read(self, layer: int, block_ids: list[int]) -> memoryview:
+        """The bytes of ``block_ids`` of one layer, blocks in the given order.
 
-    def write(self, layer: int, block_ids: list[int], data: bytes) -> None:
+        For consecutive blocks this is a view into the KV cache itself (no copy): use it
+        before the blocks can change, i.e. while their lease holds them.
+        """
+        entry = self.layers[layer]
+        run = self._run(entry, block_ids)
+        if run is not None:
+            blocks = run  # a view: the one copy is tobytes() below
+        else:
+            idx = torch.tensor(block_ids, dtype=torch.long)
+            blocks = entry.cache.index_select(entry.block_dim, idx)
+            if entry.block_dim != 0:
+                blocks = blocks.movedim(entry.block_dim, 0)
+        return memoryview(blocks.contiguous().view(torch.uint8).reshape(-1).numpy())
+
+    @staticmethod
+    def _run(entry: _Layer, block_ids: list[int]) -> torch.Tensor | None:
+        """The blocks as one contiguous view, when they are consecutive (the common case)."""
+        if entry.block_dim != 0 or not block_ids:
+            return None
+        first = block_ids[0]
+        if block_ids[-1] - first + 1 != len(block_ids) or block_ids != list(range(first, first + len(block_ids))):
+            return None
+        view = entry.cache[first:first + len(block_ids)]
+        return view if view.is_contiguous() else None
+
+    def write(self, layer: int, block_ids: list[int], data: bytes | memoryview) -> None:
         """Writes ``data`` (as produced by ``read`` on an identical layout) into ``block_ids``."""
         if len(data) != self.block_bytes * len(block_ids):
             raise LayoutMismatch(
@@ -74,6 +93,12 @@ class BlockLayout:
             warnings.simplefilter("ignore", UserWarning)
             raw = torch.frombuffer(data, dtype=torch.uint8)
         src = raw.view(self.dtype).view(len(block_ids), *self.block_shape)
+        run = self._run(entry, block_ids)
+        if run is not None:
+            # A memoryview copy keeps the GIL: torch's copy_ would drop it, and in a busy
+            # engine process getting it back costs a whole switch interval.
+            memoryview(run.view(torch.uint8).reshape(-1).numpy())[:] = data
+            return
         if entry.block_dim != 0:
             src = src.movedim(0, entry.block_dim)
         idx = torch.tensor(block_ids, dtype=torch.long)

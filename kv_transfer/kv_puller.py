@@ -7,15 +7,15 @@ loaded; the connector hands failures to vLLM's own failure path.
 from __future__ import annotations
 
 import threading
-import zlib
 from dataclasses import dataclass
 
+import crc32c
 import grpc
 
 from pdserve.kv_transfer import kv_stream_pb2 as pb
-from pdserve.kv_transfer import kv_stream_pb2_grpc as pb_grpc
 from pdserve.kv_transfer.kv_layout import BlockLayout, LayoutMismatch
-from pdserve.kv_transfer.kv_server import TLSFiles, _read
+from pdserve.kv_transfer.kv_server import PULL_METHOD, RELEASE_METHOD, TLSFiles, _read, channel_options
+from pdserve.kv_transfer.kv_wire import decode_chunk
 
 _RELEASE_TIMEOUT_S = 2.0
 
@@ -51,38 +51,31 @@ class KVPuller:
                  tls: TLSFiles | None):
         self.layout = layout
         self.deadline_s = deadline_s
-        self._options = [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ]
+        self._options = channel_options(max_message_bytes)
         self._creds = grpc.ssl_channel_credentials(_read(tls.ca)) if tls and tls.ca else None
-        self._channels: dict[tuple[str, int], grpc.Channel] = {}
+        self._stubs: dict[tuple[str, int], _Stub] = {}
         self._lock = threading.Lock()
 
-    def _stub(self, host: str, port: int) -> pb_grpc.KVStreamStub:
+    def _stub(self, host: str, port: int) -> "_Stub":
         key = (host, port)
         with self._lock:
-            channel = self._channels.get(key)
-            if channel is None:
+            stub = self._stubs.get(key)
+            if stub is None:
                 target = f"{host}:{port}"
                 channel = (grpc.secure_channel(target, self._creds, options=self._options) if self._creds
                            else grpc.insecure_channel(target, options=self._options))
-                self._channels[key] = channel
-        return pb_grpc.KVStreamStub(channel)
+                stub = self._stubs[key] = _Stub(channel)
+        return stub
 
     def pull(self, job: PullJob) -> int:
-        """Pulls and writes the job's blocks; returns bytes moved. Raises TransferFailed."""
-        stub = self._stub(job.host, job.port)
-        try:
-            nbytes = self._pull(stub, job)
-        except TransferFailed as e:
-            if e.kind != "unreachable":
-                self.release(stub, job, ok=False)
-            raise
-        self.release(stub, job, ok=True)
-        return nbytes
+        """Pulls and writes the job's blocks; returns bytes moved. Raises TransferFailed.
 
-    def _pull(self, stub: pb_grpc.KVStreamStub, job: PullJob) -> int:
+        The caller ends the remote lease afterwards with ``release`` (it reports the load
+        to vLLM first: the release is off the request's critical path).
+        """
+        return self._pull(self._stub(job.host, job.port), job)
+
+    def _pull(self, stub: "_Stub", job: PullJob) -> int:
         want = len(job.local_block_ids)
         layout = self.layout
         seen = [0] * layout.num_layers
@@ -93,14 +86,15 @@ class KVPuller:
             timeout=self.deadline_s, wait_for_ready=False,
         )
         try:
-            for chunk in call:
+            for raw in call:
+                chunk = decode_chunk(raw)
                 if chunk.num_layers != layout.num_layers or chunk.block_bytes != layout.block_bytes:
                     raise TransferFailed("layout", (
                         f"remote has {chunk.num_layers} layers x {chunk.block_bytes} B blocks, "
                         f"local {layout.num_layers} x {layout.block_bytes} B"))
                 if chunk.total_blocks != want:
                     raise TransferFailed("layout", f"remote holds {chunk.total_blocks} blocks, local expects {want}")
-                if zlib.crc32(chunk.data) != chunk.crc32:
+                if crc32c.crc32c(chunk.data, gil_release_mode=0) != chunk.crc32c:
                     raise TransferFailed("checksum", f"layer {chunk.layer} blocks {chunk.first_block}+{chunk.num_blocks}")
                 end = chunk.first_block + chunk.num_blocks
                 try:
@@ -119,17 +113,27 @@ class KVPuller:
             raise TransferFailed("stream_cut", f"stream ended after {seen} of {want} blocks per layer")
         return nbytes
 
-    def release(self, stub: pb_grpc.KVStreamStub | None, job: PullJob, ok: bool) -> None:
-        """Ends the remote lease. Best effort: a prefill that misses it frees on lease expiry."""
-        stub = stub or self._stub(job.host, job.port)
+    def release(self, job: PullJob, ok: bool) -> None:
+        """Ends the remote lease. Best effort: a prefill that misses it frees the blocks on lease expiry."""
+        request = pb.ReleaseRequest(request_id=job.remote_request_id, engine_id=job.remote_engine_id, ok=ok)
         try:
-            stub.Release(pb.ReleaseRequest(request_id=job.remote_request_id, engine_id=job.remote_engine_id, ok=ok),
-                         timeout=_RELEASE_TIMEOUT_S)
+            self._stub(job.host, job.port).Release(request, timeout=_RELEASE_TIMEOUT_S)
         except grpc.RpcError:
             pass
 
     def close(self) -> None:
         with self._lock:
-            for channel in self._channels.values():
-                channel.close()
-            self._channels.clear()
+            for stub in self._stubs.values():
+                stub.channel.close()
+            self._stubs.clear()
+
+
+class _Stub:
+    """Client of service KVStream; Pull hands back raw KVChunk bytes for kv_wire to decode."""
+
+    def __init__(self, channel: grpc.Channel):
+        self.channel = channel
+        self.Pull = channel.unary_stream(PULL_METHOD, request_serializer=pb.PullRequest.SerializeToString,
+                                         response_deserializer=None)
+        self.Release = channel.unary_unary(RELEASE_METHOD, request_serializer=pb.ReleaseRequest.SerializeToString,
+                                           response_deserializer=pb.ReleaseReply.FromString)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#pdserve/kv_transfer/kv_stream.proto\x12\rpdserve.kv.v1\"]\n\x0bPullRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tengine_id\x18\x02 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\"\x9d\x01\n\x07KVChunk\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x05 \x01(\r\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x07 \x01(\r\x12\x13\n\x0b\x62lock_bytes\x18\x08 \x01(\x04\"C\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tengine_id\x18\x02 \x01(\t\x12\n\n\x02ok\x18\x03 \x01(\x08\"\"\n\x0cReleaseReply\x12\x12\n\nwas_leased\x18\x01 \x01(\x08\x32\x8f\x01\n\x08KVStream\x12<\n\x04Pull\x12\x1a.pdserve.kv.v1.PullRequest\x1a\x16.pdserve.kv.v1.KVChunk0\x01\x12\x45\n\x07Release\x12\x1d.pdserve.kv.v1.ReleaseRequest\x1a\x1b.pdserve.kv.v1.ReleaseReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#pdserve/kv_transfer/kv_stream.proto\x12\rpdserve.kv.v1\"]\n\x0bPullRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tengine_id\x18\x02 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\"\x9e\x01\n\x07KVChunk\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x05 \x01(\r\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x07 \x01(\r\x12\x13\n\x0b\x62lock_bytes\x18\x08 \x01(\x04\"C\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tengine_id\x18\x02 \x01(\t\x12\n\n\x02ok\x18\x03 \x01(\x08\"\"\n\x0cReleaseReply\x12\x12\n\nwas_leased\x18\x01 \x01(\x08\x32\x8f\x01\n\x08KVStream\x12<\n\x04Pull\x12\x1a.pdserve.kv.v1.PullRequest\x1a\x16.pdserve.kv.v1.KVChunk0\x01\x12\x45\n\x07Release\x12\x1d.pdserve.kv.v1.ReleaseRequest\x1a\x1b.pdserve.kv.v1.ReleaseReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PULLREQUEST']._serialized_start=54
   _globals['_PULLREQUEST']._serialized_end=147
   _globals['_KVCHUNK']._serialized_start=150
-  _globals['_KVCHUNK']._serialized_end=307
-  _globals['_RELEASEREQUEST']._serialized_start=309
-  _globals['_RELEASEREQUEST']._serialized_end=376
-  _globals['_RELEASEREPLY']._serialized_start=378
-  _globals['_RELEASEREPLY']._serialized_end=412
-  _globals['_KVSTREAM']._serialized_start=415
-  _globals['_KVSTREAM']._serialized_end=558
+  _globals['_KVCHUNK']._serialized_end=308
+  _globals['_RELEASEREQUEST']._serialized_start=310
+  _globals['_RELEASEREQUEST']._serialized_end=377
+  _globals['_RELEASEREPLY']._serialized_start=379
+  _globals['_RELEASEREPLY']._serialized_end=413
+  _globals['_KVSTREAM']._serialized_start=416
+  _globals['_KVSTREAM']._serialized_end=559
 # @@protoc_insertion_point(module_scope)

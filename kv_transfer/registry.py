@@ -28,8 +28,12 @@ def kv_transfer_config_for(cfg: ClusterConfig, role: str, *, port: int, host: st
         "kv_load_failure_policy": kv.load_failure_policy,
     }
     if kv.transport == "nixl":
-        return {**common, "kv_connector": "NixlConnector",
-                "kv_connector_extra_config": {"kv_lease_duration": kv.lease_seconds, "backends": ["UCX"]}}
+        from pdserve.kv_transfer.nixl_faults import FAULT_FILE_KEY
+
+        return {**common, "kv_connector": "FaultableNixlConnector",
+                "kv_connector_module_path": "pdserve.kv_transfer.nixl_faults",
+                "kv_connector_extra_config": {"kv_lease_duration": kv.lease_seconds, "backends": ["UCX"],
+                                              FAULT_FILE_KEY: fault_file}}
     from pdserve.kv_transfer.grpc_settings import GrpcKVSettings
 
     g = kv.grpc

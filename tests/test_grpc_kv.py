@@ -75,12 +75,14 @@ def test_pull_moves_exact_blocks_in_chunks_and_releases_the_lease(prefill, decod
     prefill.lease("r1", remote)
     local = [0, 1, 2, 20, 21, 22, 39]
     untouched = caches["model.layers.0.attn"][10].clone()
-    nbytes = puller.pull(prefill.job("r1", local))
+    job = prefill.job("r1", local)
+    nbytes = puller.pull(job)
     assert nbytes == len(remote) * 2 * prefill.layout.block_bytes
     assert _blocks_equal(prefill.caches, remote, caches, local)
     assert torch.equal(caches["model.layers.0.attn"][10], untouched)
-    done, expired = prefill.table.collect_ended(time.monotonic())
-    assert done == {"r1"} and expired == 0
+    assert prefill.table.collect_ended(time.monotonic()) == (set(), 0)  # held until released
+    puller.release(job, ok=True)
+    assert prefill.table.collect_ended(time.monotonic()) == ({"r1"}, 0)
 
 
 def test_pull_skips_the_blocks_decode_already_holds(prefill, decode):
@@ -96,11 +98,16 @@ def test_corrupted_chunk_is_detected(prefill, decode):
     caches, puller = decode
     prefill.lease("r3", [1, 2, 3])
     write_faults(prefill.fault_file, {"corrupt": 1.0})
+    job = prefill.job("r3", [5, 6, 7])
     with pytest.raises(TransferFailed) as e:
-        puller.pull(prefill.job("r3", [5, 6, 7]))
+        puller.pull(job)
     assert e.value.kind == "checksum"
-    # The failed pull still ends the lease, so prefill frees the blocks at once.
-    assert prefill.table.collect_ended(time.monotonic())[0] == {"r3"}
+    # The worker then ends the lease with ok=False, so prefill frees the blocks at once.
+    puller.release(job, ok=False)
+    deadline = time.monotonic() + 3  # the server notices the cancelled stream asynchronously
+    while (ended := prefill.table.collect_ended(time.monotonic())) == (set(), 0) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert ended == ({"r3"}, 0)
 
 
 def test_unreachable_endpoint_fails_fast(decode):
@@ -247,7 +254,28 @@ def test_checked_in_grpc_code_matches_the_proto(tmp_path):
     out = tmp_path / "pdserve" / "kv_transfer"
     out.mkdir(parents=True)
     shutil.copy(ROOT / "kv_transfer" / "kv_stream.proto", out)
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--grpc_python_out=.",
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.",
                     "pdserve/kv_transfer/kv_stream.proto"], cwd=tmp_path, check=True)
-    for name in ("kv_stream_pb2.py", "kv_stream_pb2_grpc.py"):
-        assert (out / name).read_text() == (ROOT / "kv_transfer" / name).read_text(), f"{name} is stale: run make proto"
+    name = "kv_stream_pb2.py"
+    assert (out / name).read_text() == (ROOT / "kv_transfer" / name).read_text(), f"{name} is stale: run make proto"
+
+
+def test_hand_encoded_chunks_are_protobuf_bytes():
+    from pdserve.kv_transfer import kv_stream_pb2 as pb
+    from pdserve.kv_transfer.kv_wire import Chunk, decode_chunk, encode_chunk
+
+    payload = bytes(range(256)) * 700
+    for values in [(0, 0, 3, 0, 2, 3, 1024), (7, 130, 1 << 20, 2**32 - 1, 300, 99999, 2**40)]:
+        layer, first, count, crc, nlayers, total, block_bytes = values
+        ours = encode_chunk(Chunk(layer, first, count, memoryview(payload), crc, nlayers, total, block_bytes))
+        theirs = pb.KVChunk(layer=layer, first_block=first, num_blocks=count, data=payload, crc32c=crc,
+                            num_layers=nlayers, total_blocks=total, block_bytes=block_bytes).SerializeToString()
+        assert ours == theirs
+        back = decode_chunk(theirs)
+        assert (back.layer, back.first_block, back.num_blocks, back.crc32c, back.num_layers, back.total_blocks,
+                back.block_bytes) == values
+        assert bytes(back.data) == payload
+    with pytest.raises(ValueError, match="wire type"):
+        decode_chunk(theirs + b"\x0f")
+    with pytest.raises(ValueError, match="truncated"):
+        decode_chunk(theirs[:100])

@@ -1,0 +1,60 @@
+"""vLLM's NixlConnector with pdserve's fault switch and per-request failure reports.
+
+Behaviour is NIXL's own; two additions on the decode (puller) side:
+- faults from the engine's fault switch (faults.py) enter where NIXL starts a READ: a
+  killed link or a failed fraction goes down NIXL's own failure path
+  (``_handle_failed_transfer``), exactly as a transport error would;
+- every failed receive is reported with the prefill engine's request id, so the router
+  can tell which request fell back (the gRPC connector does the same).
+Delays and corruption are gRPC-only faults: NIXL moves bytes in UCX, out of our reach.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConnector
+
+from pdserve.kv_transfer.faults import FaultSwitch
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+logger = logging.getLogger("pdserve.kv_transfer")
+
+FAULT_FILE_KEY = "pdserve_fault_file"
+
+
+class FaultableNixlConnector(NixlConnector):
+    def __init__(self, vllm_config: "VllmConfig", role: "KVConnectorRole",
+                 kv_cache_config: "KVCacheConfig | None" = None):
+        super().__init__(vllm_config, role, kv_cache_config)
+        worker = self.connector_worker
+        if worker is None or not hasattr(worker, "_read_blocks_for_req"):
+            return
+        extra = self._kv_transfer_config.kv_connector_extra_config or {}
+        switch = FaultSwitch(extra.get(FAULT_FILE_KEY))
+        read_blocks_for_req = worker._read_blocks_for_req
+        handle_failed_transfer = worker._handle_failed_transfer
+
+        def faulty_read_blocks_for_req(req_id, meta):
+            fault = switch.current()
+            if fault.kill_links or switch.roll(fault.fail):
+                logger.warning("NIXL read of %s refused: KV link down (injected fault)", req_id)
+                worker._recving_metadata.setdefault(req_id, meta)
+                worker._handle_failed_transfer(req_id, None, worker._recv_failures)
+                return
+            read_blocks_for_req(req_id, meta)
+
+        def reporting_handle_failed_transfer(req_id, handle, failed_req_ids=None, record_failed_transfer=True):
+            meta = worker._recving_metadata.get(req_id)
+            if failed_req_ids is worker._recv_failures and meta is not None and meta.remote is not None:
+                data = worker.xfer_stats.data
+                data.setdefault("failed_request_id", []).append(meta.remote.request_id)
+                data.setdefault("failure_kind", []).append("nixl")
+            return handle_failed_transfer(req_id, handle, failed_req_ids, record_failed_transfer)
+
+        worker._read_blocks_for_req = faulty_read_blocks_for_req
+        worker._handle_failed_transfer = reporting_handle_failed_transfer
