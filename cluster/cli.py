@@ -100,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=_cmd_status)
 
+    from pdserve.cluster import chaos_cli
+
+    chaos_cli.add_parser(sub)
+
     m = sub.add_parser("model", help="write a built-in model directory")
     m.add_argument("name", help="built-in model name (tiny, tiny-wide)")
     m.add_argument("--out", required=True)

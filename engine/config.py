@@ -149,6 +149,44 @@ class RouterSpec(_Strict):
     decode_kv_headroom: float = Field(0.95, gt=0, le=1)
 
 
+class FallbackSpec(_Strict):
+    # Per prefill->decode link: consecutive transfer failures that open its breaker, how
+    # long it stays open before a probe, and how many probes run at once when half-open.
+    link_failure_threshold: int = Field(3, ge=1)
+    link_open_seconds: float = Field(5.0, gt=0)
+    link_half_open_probes: int = Field(1, ge=1)
+    # A P/D request's KV transfer deadline is what its TTFT budget (slo.ttft_ms) has left
+    # after the prefill leg, kept within these bounds (gRPC transport).
+    min_transfer_deadline_s: float = Field(0.5, gt=0)
+    max_transfer_deadline_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_bounds(self):
+        if self.min_transfer_deadline_s > self.max_transfer_deadline_s:
+            raise ValueError("fallback.min_transfer_deadline_s exceeds max_transfer_deadline_s")
+        return self
+
+
+DEV_ADMIN_KEY = "pdserve-dev-admin"
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+class AdminSpec(_Strict):
+    # Key for the admin API (/admin/...). The development key is accepted only on a router
+    # bound to loopback, and then only from loopback clients; anything else sets its own,
+    # inline or (better) through an environment variable.
+    key: Optional[str] = None
+    key_env: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.key and self.key_env:
+            raise ValueError("admin: give 'key' or 'key_env', not both")
+        if self.key is not None and len(self.key) < 12:
+            raise ValueError("admin.key must be at least 12 characters")
+        return self
+
+
 class SLOSpec(_Strict):
     ttft_ms: float = Field(500.0, gt=0)
     tpot_ms: float = Field(50.0, gt=0)
@@ -167,6 +205,17 @@ class ClusterConfig(_Strict):
     kv_transfer: KVTransferSpec = Field(default_factory=KVTransferSpec)
     router: RouterSpec = Field(default_factory=RouterSpec)
     slo: SLOSpec = Field(default_factory=SLOSpec)
+    fallback: FallbackSpec = Field(default_factory=FallbackSpec)
+    admin: AdminSpec = Field(default_factory=AdminSpec)
+
+    @model_validator(mode="after")
+    def _check_admin(self):
+        a = self.admin
+        if self.router.host not in _LOOPBACK and (a.key == DEV_ADMIN_KEY or not (a.key or a.key_env)):
+            raise ValueError(
+                f"router.host {self.router.host!r} is not loopback: set admin.key or admin.key_env to a key "
+                f"of your own (the development key {DEV_ADMIN_KEY!r} is for loopback only)")
+        return self
 
     @model_validator(mode="after")
     def _check_pools(self):
@@ -206,6 +255,22 @@ class ClusterConfig(_Strict):
                     if core in owner:
                         raise ValueError(f"core {core} is given to both {owner[core]} and {where}")
                     owner[core] = where
+
+
+def is_loopback(host: str) -> bool:
+    return host in _LOOPBACK
+
+
+def resolve_admin_key(cfg: ClusterConfig) -> Optional[str]:
+    """The admin key in force, or None (admin API off). Fails loudly on a missing env var."""
+    import os
+
+    if cfg.admin.key_env:
+        key = os.environ.get(cfg.admin.key_env)
+        if not key:
+            raise ValueError(f"admin.key_env names {cfg.admin.key_env!r}, which is not set")
+        return key
+    return cfg.admin.key
 
 
 def load_config(path: str | Path) -> ClusterConfig:

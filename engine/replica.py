@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 from typing import Any, AsyncIterator, Optional
 
 from ray import serve
@@ -87,6 +89,13 @@ class EngineReplica:
 
     def set_kv_faults(self, spec: Optional[dict[str, Any]], replica: Optional[str] = None) -> dict[str, Any]:
         return {**self.server.set_kv_faults(spec), "replica": self.replica_id}
+
+    def kv_faults(self, replica: Optional[str] = None) -> dict[str, Any]:
+        return {**self.server.kv_faults(), "replica": self.replica_id}
+
+    def kill(self, replica: Optional[str] = None) -> None:
+        """Chaos: die like a crashed process (SIGKILL, no cleanup); Ray Serve replaces the replica."""
+        os.kill(os.getpid(), signal.SIGKILL)
 
     async def check_health(self) -> None:
         await self.server.check_health()

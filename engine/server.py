@@ -21,7 +21,7 @@ from pdserve.engine.config import ClusterConfig
 from pdserve.engine.errors import error_body, validation_message
 from pdserve.engine.stats import LoadTracker, stat_logger_factory
 from pdserve.engine.tiny_model import resolve_model
-from pdserve.kv_transfer.faults import fault_file_path, write_faults
+from pdserve.kv_transfer.faults import FaultSwitch, fault_file_path, write_faults
 
 logger = logging.getLogger("pdserve.engine")
 
@@ -177,10 +177,19 @@ class EngineServer:
                 yield item
             yield ("json", result.model_dump(mode="json", exclude_none=False))
         else:
+            # The pull's report goes ahead of the first token when it is known by then (it is
+            # for a failure or a gRPC pull), so the router can label the response in its headers.
+            reported = first = None
             async for chunk in result:
+                if first is None:
+                    first = self._kv_pull_items(body)
+                    reported = bool(first)
+                    for item in first:
+                        yield item
                 yield ("sse", chunk)
-            for item in self._kv_pull_items(body):
-                yield item
+            if not reported:
+                for item in self._kv_pull_items(body):
+                    yield item
 
     def _kv_pull_items(self, body: dict[str, Any]) -> list[Item]:
         """A ("kv", {...}) item with this decode engine's pull of the request's KV, where known."""
@@ -199,6 +208,10 @@ class EngineServer:
             raise ValueError("a monolithic engine has no KV link")
         parsed = write_faults(self.fault_file, spec)
         return {"role": self.role, "index": self.index, "faults": parsed.__dict__}
+
+    def kv_faults(self) -> dict[str, Any]:
+        current = FaultSwitch(self.fault_file).current() if self.fault_file else None
+        return {"role": self.role, "index": self.index, "faults": current.__dict__ if current else None}
 
     async def check_health(self) -> None:
         if self.engine is None:

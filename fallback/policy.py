@@ -20,4 +20,11 @@ class FallbackCause(str, enum.Enum):
     # process died or hangs) while the leg was waiting on it.
     PREFILL_REPLICA_LOST = "prefill_replica_lost"
     NO_KV_PARAMS = "prefill_returned_no_kv_params"
+    # Every link from the healthy prefill replicas to the decode pool has an open breaker.
+    LINK_OPEN = "link_circuit_open"
+    # Decode reported that pulling the KV failed (link down, stream cut, checksum, lease
+    # gone); it then prefilled locally (vLLM kv_load_failure_policy "recompute").
+    KV_TRANSFER_FAILED = "kv_transfer_failed"
+    # The pull outlived its deadline, which the router takes from the request's TTFT budget.
+    KV_DEADLINE = "kv_transfer_deadline"
 

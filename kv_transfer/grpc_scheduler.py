@@ -45,6 +45,7 @@ def _job(request: "Request", params: dict[str, Any], local: list[int], first: in
         port=int(params["remote_port"]),
         local_block_ids=local,
         first_remote_block=first,
+        deadline_s=float(params["transfer_deadline_s"]) if params.get("transfer_deadline_s") else None,
     )
 
 

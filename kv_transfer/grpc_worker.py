@@ -80,8 +80,9 @@ class GrpcKVWorker:
             with self._lock:
                 self._failed.add(job.request_id)
                 self._stats.record_failure(kind, job.remote_request_id)
-            if kind != "unreachable":
-                self._puller.release(job, ok=False)
+            # Even after "unreachable": a link that refuses pulls may still carry the release,
+            # and it frees the prefill blocks now instead of at lease expiry.
+            self._puller.release(job, ok=False)
             return
         with self._lock:
             self._loaded.add(job.request_id)

@@ -17,7 +17,7 @@ from pdserve.kv_transfer.kv_layout import BlockLayout, LayoutMismatch
 from pdserve.kv_transfer.kv_server import PULL_METHOD, RELEASE_METHOD, TLSFiles, _read, channel_options
 from pdserve.kv_transfer.kv_wire import decode_chunk
 
-_RELEASE_TIMEOUT_S = 2.0
+_RELEASE_TIMEOUT_S = 1.0
 
 
 class TransferFailed(RuntimeError):
@@ -35,6 +35,7 @@ class PullJob:
     port: int
     local_block_ids: list[int]
     first_remote_block: int  # blocks before this are a local prefix-cache hit
+    deadline_s: float | None = None  # this request's own deadline (its TTFT budget), if tighter
 
 
 _STATUS_KIND = {
@@ -83,7 +84,7 @@ class KVPuller:
         call = stub.Pull(
             pb.PullRequest(request_id=job.remote_request_id, engine_id=job.remote_engine_id,
                            first_block=job.first_remote_block, num_blocks=want),
-            timeout=self.deadline_s, wait_for_ready=False,
+            timeout=min(self.deadline_s, job.deadline_s or self.deadline_s), wait_for_ready=False,
         )
         try:
             for raw in call:

@@ -14,6 +14,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConnector
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.stats import NixlKVConnectorStats
 
 from pdserve.kv_transfer.faults import FaultSwitch
 
@@ -27,7 +28,21 @@ logger = logging.getLogger("pdserve.kv_transfer")
 FAULT_FILE_KEY = "pdserve_fault_file"
 
 
+class _NixlStatsWithRequestIds(NixlKVConnectorStats):
+    """NIXL's stats plus our per-request failure lists, which NIXL's aggregate would reject."""
+
+    def aggregate(self, other):
+        if not other.is_empty():
+            for key, values in other.data.items():
+                self.data.setdefault(key, []).extend(values)
+        return self
+
+
 class FaultableNixlConnector(NixlConnector):
+    @classmethod
+    def build_kv_connector_stats(cls, data=None):
+        return _NixlStatsWithRequestIds(data=data) if data is not None else _NixlStatsWithRequestIds()
+
     def __init__(self, vllm_config: "VllmConfig", role: "KVConnectorRole",
                  kv_cache_config: "KVCacheConfig | None" = None):
         super().__init__(vllm_config, role, kv_cache_config)
@@ -40,10 +55,12 @@ class FaultableNixlConnector(NixlConnector):
         handle_failed_transfer = worker._handle_failed_transfer
 
         def faulty_read_blocks_for_req(req_id, meta):
+            # Only reads that fill local blocks can fail this way: NIXL's failure path needs
+            # them (notify-only reads, for aborts and full local hits, carry no blocks).
             fault = switch.current()
-            if fault.kill_links or switch.roll(fault.fail):
+            if req_id in worker._recving_metadata and any(meta.local_block_ids) and (
+                    fault.kill_links or switch.roll(fault.fail)):
                 logger.warning("NIXL read of %s refused: KV link down (injected fault)", req_id)
-                worker._recving_metadata.setdefault(req_id, meta)
                 worker._handle_failed_transfer(req_id, None, worker._recv_failures)
                 return
             read_blocks_for_req(req_id, meta)

@@ -20,10 +20,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from pdserve.engine.config import ClusterConfig
+from pdserve.engine.config import ClusterConfig, resolve_admin_key
 from pdserve.engine.tiny_model import resolve_model
+from pdserve.fallback.breaker import STATE_VALUE, BreakerSettings, LinkBreakers
 from pdserve.fallback.policy import FallbackCause
 from pdserve.kv_transfer.registry import prefill_request_params
+from pdserve.router.admin import add_admin_routes
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pools import Pool
 from pdserve.router.protocol import ApiError, CheckedRequest, RequestChecker, error_body, parse_json_body
@@ -63,6 +65,7 @@ class _Leg:
         self.served_by: Optional[str] = None
         self.prefill_s: Optional[float] = None  # the P/D prefill leg that came before this decode leg
         self.kv_pull: Optional[dict[str, Any]] = None  # the decode engine's report of its KV pull
+        self.link: Optional[tuple[str, str]] = None  # (prefill, decode) replicas of a P/D decode leg
         self._buffer: list[tuple] = []
 
     async def next_item(self) -> Optional[tuple]:
@@ -103,6 +106,7 @@ def build_http_app(server: "RouterServer") -> FastAPI:
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.prometheus_metrics, methods=["GET"])
     app.add_api_route("/pdserve/status", server.status, methods=["GET"])
+    add_admin_routes(app, server)
     return app
 
 
@@ -146,6 +150,11 @@ class RouterServer:
         self.checker = RequestChecker(self.cfg.model.served_name, resolve_model(self.cfg.model.path),
                                       self.cfg.model.max_model_len)
         self.metrics = RouterMetrics()
+        fb = self.cfg.fallback
+        self.breakers = LinkBreakers(
+            BreakerSettings(fb.link_failure_threshold, fb.link_open_seconds, fb.link_half_open_probes),
+            on_change=lambda p, d, state: self.metrics.link_state.labels(p, d).set(STATE_VALUE[state]))
+        self.admin_key = resolve_admin_key(self.cfg)
         sock = bind_http_socket(self.cfg.router.host, self.cfg.router.port)
         self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
         await self._refresh()
@@ -202,6 +211,8 @@ class RouterServer:
     async def status(self):
         return {"name": self.cfg.name, "mode": self.mode, "transport": self.cfg.kv_transfer.transport,
                 "pools": {n: p.status() for n, p in self.pools.items()},
+                "links": [{"prefill": p, "decode": d, "state": st.value}
+                          for (p, d), st in self.breakers.states().items()],
                 "poll_errors": {n: p.last_error for n, p in self.pools.items() if p.last_error}}
 
     # ------------------------------------------------------------------ serving
@@ -224,10 +235,9 @@ class RouterServer:
                 pick = self.decode_pick.pick(pool.candidates())
                 leg = _Leg(pool, pick.replica_id if pick else None, endpoint, body)
             else:
-                path, leg, early = await self._pd_legs(endpoint, checked, headers)
+                path, leg, early = await self._pd_legs(endpoint, checked, headers, t0)
                 if early is not None:
                     return early
-            headers["x-pdserve-path"] = path
             response = await self._respond(endpoint, path, leg, checked, headers, t0)
             handed_off = isinstance(response, StreamingResponse)
             return response
@@ -235,18 +245,17 @@ class RouterServer:
             if not handed_off:
                 self.metrics.inflight.dec()
 
-    async def _pd_legs(self, endpoint: str, checked: CheckedRequest, headers: dict[str, str]):
+    async def _pd_legs(self, endpoint: str, checked: CheckedRequest, headers: dict[str, str], t0: float):
         """Run the prefill leg; return (path, decode leg, early error response or None)."""
         prefill, decode = self.pools["prefill"], self.pools["decode"]
-        p = self.prefill_pick.pick(prefill.candidates())
-        d = self.decode_pick.pick(decode.candidates())
+        p, d, cause = self._pick_pair(prefill, decode)
         d_id = d.replica_id if d else None
-        cause: Optional[FallbackCause] = None
         kv_params = None
         prefill_s: Optional[float] = None
-        if p is None:
-            cause = FallbackCause.NO_PREFILL_REPLICA
-        else:
+        link = (p.replica_id, d_id) if cause is None and p is not None and d_id else None
+        if link:
+            self.breakers.begin(*link)
+        if cause is None:
             headers["x-pdserve-prefill-replica"] = p.replica_id
             pbody = {k: v for k, v in checked.body.items() if k not in _PREFILL_DROP}
             pbody.update(max_tokens=1, stream=False, kv_transfer_params=prefill_request_params())
@@ -270,13 +279,37 @@ class RouterServer:
                 if not kv_params:
                     cause = FallbackCause.NO_KV_PARAMS
         if cause is not None:
+            if link:
+                self.breakers.abandon(*link)  # not the link's fault: free a half-open probe slot
             self.metrics.fallbacks.labels(cause.value).inc()
             headers["x-pdserve-fallback-cause"] = cause.value
             return "fallback", _Leg(decode, d_id, endpoint, checked.body), None
+        # The transfer's deadline comes out of the TTFT budget that the prefill leg left.
+        budget = self.cfg.slo.ttft_ms / 1000 - (time.perf_counter() - t0)
+        fb = self.cfg.fallback
+        kv_params = dict(kv_params, transfer_deadline_s=round(
+            min(fb.max_transfer_deadline_s, max(fb.min_transfer_deadline_s, budget)), 3))
         dbody = dict(checked.body, kv_transfer_params=kv_params)
         leg = _Leg(decode, d_id, endpoint, dbody)
         leg.prefill_s = prefill_s
+        leg.link = link
         return "pd", leg, None
+
+    def _pick_pair(self, prefill: Pool, decode: Pool):
+        """(prefill, decode, None) for P/D, or a fallback cause. Links with an open breaker are skipped."""
+        d_all = decode.candidates()
+        p_cands = prefill.candidates()
+        if not any(c.healthy for c in p_cands):
+            return None, self.decode_pick.pick(d_all), FallbackCause.NO_PREFILL_REPLICA
+        tried: set[str] = set()
+        while True:
+            p = self.prefill_pick.pick([c for c in p_cands if c.replica_id not in tried])
+            if p is None:
+                return None, self.decode_pick.pick(d_all), FallbackCause.LINK_OPEN
+            tried.add(p.replica_id)
+            d = self.decode_pick.pick([c for c in d_all if self.breakers.available(p.replica_id, c.replica_id)])
+            if d is not None:
+                return p, d, None
 
     async def _await_prefill(self, leg: _Leg, pool: Pool, replica_id: str):
         """Wait for the prefill answer; give up early if its replica is seen to die."""
@@ -312,6 +345,8 @@ class RouterServer:
                                     status_code=503, headers=headers)
         if leg.served_by:
             headers[f"x-pdserve-{'decode' if leg.pool.name == 'decode' else 'engine'}-replica"] = leg.served_by
+        path = self._settle_link(leg, path, first, headers)
+        headers["x-pdserve-path"] = path
         if first is None:
             self.metrics.requests.labels(path, endpoint, "502").inc()
             return JSONResponse(error_body(502, "engine returned no response", "BadGatewayError"),
@@ -328,6 +363,31 @@ class RouterServer:
             return JSONResponse(first[1], headers=headers)
         return StreamingResponse(self._stream(endpoint, path, leg, first[1], t0), media_type="text/event-stream",
                                  headers=headers)
+
+    def _settle_link(self, leg: "_Leg", path: str, first: Optional[tuple], headers: dict[str, str]) -> str:
+        """Feed the P/D link's breaker, and relabel a request whose KV transfer failed.
+
+        Decode engines run with kv_load_failure_policy "recompute": a failed transfer is
+        followed by a full local prefill in the same engine, i.e. monolithic fallback with
+        no extra hop, before the first token. The engine reports the failure (its "kv"
+        item) ahead of that token, so the headers can still say so.
+        """
+        if leg.link is None:
+            return path
+        pull = leg.kv_pull
+        if first is None or first[0] == "error":
+            self.breakers.abandon(*leg.link)
+            return path
+        failed = pull is not None and not pull.get("ok")
+        self.breakers.record(*leg.link, ok=not failed)
+        if not failed:
+            return path
+        kind = pull.get("kind") or "unknown"
+        cause = FallbackCause.KV_DEADLINE if kind == "deadline" else FallbackCause.KV_TRANSFER_FAILED
+        self.metrics.kv_transfer_failures.labels(self.cfg.kv_transfer.transport, kind).inc()
+        self.metrics.fallbacks.labels(cause.value).inc()
+        headers["x-pdserve-fallback-cause"] = cause.value
+        return "fallback"
 
     def _observe_breakdown(self, leg: "_Leg", ttft: float) -> None:
         """Splits a P/D request's TTFT: prefill leg, KV transfer, and the rest (routing, decode queue, first step)."""

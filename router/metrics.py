@@ -28,6 +28,12 @@ class RouterMetrics:
             ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
         self.fallbacks = Counter("pdserve_fallback_total", "Requests served by monolithic fallback, by cause",
                                  ["cause"], registry=r)
+        self.link_state = Gauge("pdserve_link_breaker_state",
+                                 "Circuit breaker of each prefill->decode KV link: 0 closed, 1 half-open, 2 open",
+                                 ["prefill", "decode"], registry=r)
+        self.kv_transfer_failures = Counter("pdserve_kv_transfer_failures_total",
+                                            "KV transfers that decode reported failed, by transport and kind",
+                                            ["transport", "kind"], registry=r)
         self.inflight = Gauge("pdserve_inflight_requests", "Requests in the router now", registry=r)
         self.replica_kv = Gauge("pdserve_replica_kv_cache_usage", "KV-cache usage per replica",
                                 ["pool", "replica"], registry=r)

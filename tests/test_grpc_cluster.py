@@ -83,10 +83,13 @@ def test_corrupted_chunk_is_detected_and_the_answer_is_still_right(clusters):
     checksum_before = _decode_report(clusters)["kv_checksum_failures_total"]
     set_kv_faults(APP, "prefill", {"corrupt": 1.0})
     try:
-        got = _tokens(post(clusters.grpc_url, "/v1/chat/completions", body))
+        r = post(clusters.grpc_url, "/v1/chat/completions", body)
     finally:
         set_kv_faults(APP, "prefill", None)
-    assert got == _mono(clusters, body)
+    assert _tokens(r) == _mono(clusters, body)
+    assert r.headers["x-pdserve-path"] == "fallback", r.headers
+    assert r.headers["x-pdserve-fallback-cause"] == "kv_transfer_failed"
+    assert r.headers["x-pdserve-kv-transfer"] == "failed; kind=checksum"
     _wait_kind(clusters, "checksum", before)
     assert _decode_report(clusters)["kv_checksum_failures_total"] > checksum_before
 
@@ -97,13 +100,15 @@ def test_hung_prefill_endpoint_is_cut_at_the_deadline(clusters):
     set_kv_faults(APP, "prefill", {"delay_s": 30})
     try:
         start = time.monotonic()
-        got = _tokens(post(clusters.grpc_url, "/v1/chat/completions", body))
+        r = post(clusters.grpc_url, "/v1/chat/completions", body)
         elapsed = time.monotonic() - start
     finally:
         set_kv_faults(APP, "prefill", None)
-    assert got == _mono(clusters, body)
-    # The 30 s stall is cut at the 3 s deadline; the decode engine then recomputes.
+    assert _tokens(r) == _mono(clusters, body)
+    # The 30 s stall is cut at the request's deadline (what its 500 ms TTFT budget left,
+    # floored at fallback.min_transfer_deadline_s); the decode engine then recomputes.
     assert elapsed < 3.0 + 7.0, elapsed
+    assert r.headers["x-pdserve-fallback-cause"] == "kv_transfer_deadline", r.headers
     _wait_kind(clusters, "deadline", before)
 
 

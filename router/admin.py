@@ -1,0 +1,155 @@
+"""The admin API: chaos actions for game days and tests, behind the admin key.
+
+    POST /admin/chaos/kill-links     every KV link refuses transfers
+    POST /admin/chaos/heal-links     clears every injected fault
+    POST /admin/chaos/faults         {"fail": 0.3, "delay_s": 1, "corrupt": 0.1, ...} (see kv_transfer/faults.py)
+    POST /admin/chaos/kill-replica   {"pool": "prefill", "replica": "<id>"?}: SIGKILL a replica process
+    GET  /admin/chaos                faults per engine and breaker state per link
+
+Faults enter the transfer path inside the engines (the gRPC server and puller, NIXL's
+read path), never the router's own logic, so what the router sees is what a real failure
+looks like. Send the key as ``Authorization: Bearer <key>`` or ``x-pdserve-admin-key``.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from pdserve.engine.config import DEV_ADMIN_KEY, is_loopback
+from pdserve.engine.errors import error_body
+from pdserve.kv_transfer.faults import FaultSpec
+from pdserve.router.targeting import TARGET_KWARG
+
+if TYPE_CHECKING:
+    from pdserve.router.app import RouterServer
+
+logger = logging.getLogger("pdserve.router")
+
+KV_POOLS = ("prefill", "decode")
+_CALL_TIMEOUT_S = 10.0
+
+
+def _deny(status: int, message: str) -> JSONResponse:
+    kind = "AuthenticationError" if status == 401 else "PermissionDeniedError"
+    return JSONResponse(error_body(status, message, kind), status_code=status)
+
+
+def check_admin(server: "RouterServer", request: Request) -> JSONResponse | None:
+    key = server.admin_key
+    if not key:
+        return _deny(403, "the admin API is off: this cluster's config sets no admin key")
+    given = request.headers.get("x-pdserve-admin-key") or ""
+    auth = request.headers.get("authorization") or ""
+    if not given and auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    if not given or not hmac.compare_digest(given.encode(), key.encode()):
+        return _deny(401, "missing or wrong admin key")
+    client = request.client.host if request.client else ""
+    if key == DEV_ADMIN_KEY and not is_loopback(client):
+        return _deny(403, "the development admin key is accepted from loopback clients only")
+    return None
+
+
+async def _call(pool, method: str, replica: str, *args) -> Any:
+    handle = getattr(pool.handle, method)
+    return await asyncio.wait_for(handle.remote(*args, **{TARGET_KWARG: replica}), _CALL_TIMEOUT_S)
+
+
+async def set_faults_everywhere(server: "RouterServer", spec: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Applies ``spec`` to every engine of the KV pools; returns what each replica reports."""
+    FaultSpec.from_dict(spec or {})  # refuse a bad spec before touching any engine
+    results = []
+    for name in KV_POOLS:
+        pool = server.pools.get(name)
+        if pool is None:
+            continue
+        for rid in list(pool.replicas):
+            try:
+                results.append(await _call(pool, "set_kv_faults", rid, spec))
+            except Exception as e:  # noqa: BLE001 - report per replica, keep going
+                results.append({"pool": name, "replica": rid, "error": repr(e)})
+    return results
+
+
+async def kill_replica(server: "RouterServer", pool_name: str, replica: str | None) -> dict[str, Any]:
+    pool = server.pools.get(pool_name)
+    if pool is None:
+        raise ValueError(f"no pool {pool_name!r} in this cluster; pools: {sorted(server.pools)}")
+    ids = list(pool.replicas)
+    if replica is None:
+        if not ids:
+            raise ValueError(f"pool {pool_name!r} has no replica to kill")
+        replica = ids[0]
+    elif replica not in ids:
+        raise ValueError(f"pool {pool_name!r} has no replica {replica!r}; replicas: {ids}")
+    try:
+        await _call(pool, "kill", replica)
+    except Exception:  # the call dies with the process; that is the point
+        pass
+    logger.warning("chaos: killed %s replica %s", pool_name, replica)
+    return {"pool": pool_name, "replica": replica, "killed": True}
+
+
+def add_admin_routes(app: FastAPI, server: "RouterServer") -> None:
+    async def guarded(request: Request, action) -> Any:
+        denied = check_admin(server, request)
+        if denied is not None:
+            return denied
+        try:
+            raw = await request.body()
+            body = json.loads(raw) if raw.strip() else {}
+            if not isinstance(body, dict):
+                raise ValueError("the request body must be a JSON object")
+            return await action(body)
+        except (ValueError, TypeError) as e:
+            return JSONResponse(error_body(400, str(e), "BadRequestError"), status_code=400)
+
+    async def kill_links(request: Request):
+        return await guarded(request, lambda body: _faults({"kill_links": True}))
+
+    async def heal_links(request: Request):
+        return await guarded(request, lambda body: _faults(None))
+
+    async def faults(request: Request):
+        return await guarded(request, lambda body: _faults(body))
+
+    async def _faults(spec):
+        return {"faults": spec or {}, "engines": await set_faults_everywhere(server, spec)}
+
+    async def kill(request: Request):
+        async def act(body):
+            unknown = set(body) - {"pool", "replica"}
+            if unknown:
+                raise ValueError(f"unknown fields {sorted(unknown)}; expected 'pool' and optional 'replica'")
+            if body.get("pool") not in server.pools:
+                raise ValueError(f"'pool' must be one of {sorted(server.pools)}")
+            return await kill_replica(server, body["pool"], body.get("replica"))
+
+        return await guarded(request, act)
+
+    async def show(request: Request):
+        async def act(body):
+            engines = []
+            for name in KV_POOLS:
+                pool = server.pools.get(name)
+                for rid in list(pool.replicas) if pool else []:
+                    try:
+                        engines.append(await _call(pool, "kv_faults", rid))
+                    except Exception as e:  # noqa: BLE001
+                        engines.append({"pool": name, "replica": rid, "error": repr(e)})
+            links = [{"prefill": p, "decode": d, "state": st.value} for (p, d), st in server.breakers.states().items()]
+            return {"engines": engines, "links": links}
+
+        return await guarded(request, act)
+
+    app.add_api_route("/admin/chaos/kill-links", kill_links, methods=["POST"])
+    app.add_api_route("/admin/chaos/heal-links", heal_links, methods=["POST"])
+    app.add_api_route("/admin/chaos/faults", faults, methods=["POST"])
+    app.add_api_route("/admin/chaos/kill-replica", kill, methods=["POST"])
+    app.add_api_route("/admin/chaos", show, methods=["GET"])
