@@ -20,6 +20,8 @@ class RequestResult:
     output_tokens: int = 0
     itls: list[float] = field(default_factory=list)
     path: Optional[str] = None
+    fallback_cause: Optional[str] = None
+    started_at: float = 0.0  # time.perf_counter() when the request was sent
     error: Optional[str] = None
 
     def record_tokens(self, t0: float, n: int = 1) -> None:
@@ -68,11 +70,12 @@ def summarize(results: list[RequestResult]) -> dict[str, Any]:
 
 async def stream_one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> RequestResult:
     t0 = time.perf_counter()
-    res = RequestResult(ok=False, status=0)
+    res = RequestResult(ok=False, status=0, started_at=t0)
     try:
         async with client.stream("POST", url + "/v1/chat/completions", json=dict(body, stream=True)) as r:
             res.status = r.status_code
             res.path = r.headers.get("x-pdserve-path")
+            res.fallback_cause = r.headers.get("x-pdserve-fallback-cause")
             if r.status_code != 200:
                 res.error = (await r.aread()).decode()[:200]
                 return res

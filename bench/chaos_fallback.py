@@ -1,0 +1,107 @@
+"""Benchmark: what a KV-link failure costs the client, against monolithic serving.
+
+    python -m pdserve.bench.chaos_fallback [--requests 120 --rate 4 --kill-at 8 --heal-at 20]
+
+For each P/D transport (gRPC, NIXL) a cluster serves Poisson chat traffic while the admin API
+kills every KV link at ``--kill-at`` seconds and heals them at ``--heal-at``. A monolithic
+cluster on the same two cores serves the same workload without faults. Prints TTFT p50/p95 of
+requests served by P/D, by fallback (all causes, and per cause) and by monolithic serving, the
+fallback/monolithic ratio, the time from the link kill to the first token served by fallback,
+and how many requests failed (the goal: none).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import httpx
+
+from pdserve.bench.client import percentile, run_poisson
+from pdserve.bench.pd_vs_mono import ROOT, _free_port, make_bodies
+
+ADMIN = {"Authorization": "Bearer pdserve-dev-admin"}
+_CONFIGS = {"grpc": "cpu-pd-grpc.yaml", "nixl": "cpu-pd.yaml", "monolithic": "cpu-monolithic.yaml"}
+
+
+def _ttfts(results, pred) -> list[float]:
+    return [r.ttft * 1000 for r in results if r.ok and r.ttft is not None and pred(r)]
+
+
+def _stats(values: list[float]) -> dict:
+    return {"n": len(values), "p50_ms": percentile(values, 50), "p95_ms": percentile(values, 95)}
+
+
+async def _with_chaos(url: str, bodies, rate: float, kill_at: float | None, heal_at: float | None):
+    load = asyncio.create_task(run_poisson(url, bodies, rate))
+    t_kill = None
+    if kill_at is not None:
+        async with httpx.AsyncClient(timeout=30) as c:
+            await asyncio.sleep(kill_at)
+            t_kill = time.perf_counter()
+            (await c.post(url + "/admin/chaos/kill-links", headers=ADMIN)).raise_for_status()
+            await asyncio.sleep(heal_at - kill_at)
+            (await c.post(url + "/admin/chaos/heal-links", headers=ADMIN)).raise_for_status()
+    return await load, t_kill
+
+
+def run_arm(name: str, bodies, rate: float, kill_at, heal_at) -> dict:
+    from pdserve.cluster.runtime import start_cluster, stop_cluster
+    from pdserve.engine.config import load_config
+
+    url = start_cluster(load_config(ROOT / "configs" / _CONFIGS[name]), port=_free_port())
+    try:
+        asyncio.run(run_poisson(url, make_bodies(4, 200, 8, seed=99), rate=50))
+        results, t_kill = asyncio.run(_with_chaos(url, bodies, rate, kill_at, heal_at))
+    finally:
+        stop_cluster()
+    out = {"failed": sum(not r.ok for r in results), "all": _stats(_ttfts(results, lambda r: True)),
+           "by_path": {}, "by_cause": {}}
+    for path in ("pd", "fallback", "monolithic"):
+        vals = _ttfts(results, lambda r, p=path: r.path == p)
+        if vals:
+            out["by_path"][path] = _stats(vals)
+    for cause in sorted({r.fallback_cause for r in results if r.fallback_cause}):
+        out["by_cause"][cause] = _stats(_ttfts(results, lambda r, c=cause: r.fallback_cause == c))
+    if t_kill is not None:
+        firsts = [r.started_at + r.ttft for r in results
+                  if r.ok and r.path == "fallback" and r.ttft is not None and r.started_at + r.ttft >= t_kill]
+        out["kill_to_first_fallback_token_ms"] = (min(firsts) - t_kill) * 1000 if firsts else None
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=120)
+    p.add_argument("--rate", type=float, default=4.0)
+    p.add_argument("--kill-at", type=float, default=8.0)
+    p.add_argument("--heal-at", type=float, default=20.0)
+    p.add_argument("--transports", default="grpc,nixl")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    bodies = make_bodies(args.requests, 200, 64)
+    arms = {"monolithic": run_arm("monolithic", bodies, args.rate, None, None)}
+    mono = arms["monolithic"]["by_path"]["monolithic"]
+    print(f"monolithic     : TTFT p50 {mono['p50_ms']:.1f} ms p95 {mono['p95_ms']:.1f} ms, "
+          f"failed {arms['monolithic']['failed']}", flush=True)
+    for t in args.transports.split(","):
+        a = arms[t] = run_arm(t, bodies, args.rate, args.kill_at, args.heal_at)
+        print(f"{t:<4} under chaos (links killed {args.kill_at:g}-{args.heal_at:g} s): failed {a['failed']}, "
+              f"kill -> first fallback token {a['kill_to_first_fallback_token_ms']:.1f} ms", flush=True)
+        for path, s in a["by_path"].items():
+            print(f"    {path:<9} n={s['n']:3d} TTFT p50 {s['p50_ms']:7.1f} ms p95 {s['p95_ms']:7.1f} ms")
+        for cause, s in a["by_cause"].items():
+            print(f"      cause {cause:<22} n={s['n']:3d} TTFT p50 {s['p50_ms']:7.1f} ms p95 {s['p95_ms']:7.1f} ms")
+        fb = a["by_path"].get("fallback")
+        if fb:
+            print(f"    fallback / monolithic TTFT: p50 {fb['p50_ms'] / mono['p50_ms']:.2f}x, "
+                  f"p95 {fb['p95_ms'] / mono['p95_ms']:.2f}x (goal: within 1.5x)", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "arms": arms}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
