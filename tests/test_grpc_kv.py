@@ -279,3 +279,60 @@ def test_hand_encoded_chunks_are_protobuf_bytes():
         decode_chunk(theirs + b"\x0f")
     with pytest.raises(ValueError, match="truncated"):
         decode_chunk(theirs[:100])
+
+
+def _self_signed(tmp_path):
+    """A CA and a server certificate for 127.0.0.1, made with the `cryptography` package."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("pdserve test CA")).issuer_name(name("pdserve test CA"))
+          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now)
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(name("prefill")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(2).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    files = {"ca.pem": ca.public_bytes(pem), "cert.pem": cert.public_bytes(pem),
+             "key.pem": key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())}
+    for fname, data in files.items():
+        (tmp_path / fname).write_bytes(data)
+    return {k: str(tmp_path / f"{k}.pem") for k in ("ca", "cert", "key")}
+
+
+def test_pull_over_tls_and_a_plaintext_client_is_refused(tmp_path):
+    pytest.importorskip("cryptography")
+    from pdserve.kv_transfer.kv_server import TLSFiles
+
+    paths = _self_signed(tmp_path)
+    src, dst = _caches(1), _caches(2)
+    table = LeaseTable()
+    port = _free_port()
+    server = start_server(KVStreamServicer(ENGINE, table, BlockLayout(src, NUM_BLOCKS), 1 << 20, FaultSwitch(None)),
+                          f"127.0.0.1:{port}", 8 << 20, TLSFiles(cert=paths["cert"], key=paths["key"]))
+    try:
+        table.add("t1", [3, 4], time.monotonic() + 30)
+        tls = KVPuller(BlockLayout(dst, NUM_BLOCKS), 2.0, 8 << 20, TLSFiles(ca=paths["ca"]))
+        tls.pull(PullJob("d", "t1", ENGINE, "127.0.0.1", port, [7, 8], 0))
+        assert _blocks_equal(src, [3, 4], dst, [7, 8])
+        plain = KVPuller(BlockLayout(dst, NUM_BLOCKS), 2.0, 8 << 20, None)
+        with pytest.raises(TransferFailed):
+            plain.pull(PullJob("d", "t1", ENGINE, "127.0.0.1", port, [9, 10], 0))
+    finally:
+        server.stop(grace=0)
