@@ -159,6 +159,8 @@ class FallbackSpec(_Strict):
     # after the prefill leg, kept within these bounds (gRPC transport).
     min_transfer_deadline_s: float = Field(0.5, gt=0)
     max_transfer_deadline_s: float = Field(10.0, gt=0)
+    # How many times one stream may be resumed on another engine after its engine died.
+    max_stream_resumes: int = Field(2, ge=0)
 
     @model_validator(mode="after")
     def _check_bounds(self):

@@ -29,6 +29,7 @@ from pdserve.router.admin import add_admin_routes
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pools import Pool
 from pdserve.router.protocol import ApiError, CheckedRequest, RequestChecker, error_body, parse_json_body
+from pdserve.router.resume import StreamTracker, error_event
 from pdserve.router.selection import least_loaded
 
 logger = logging.getLogger("pdserve.router")
@@ -222,6 +223,9 @@ class RouterServer:
             raw = await request.body()
             body = parse_json_body(raw, self.cfg.router.max_body_bytes)
             checked = self.checker.check(endpoint, body)
+            if checked.stream:
+                # Token ids let a broken stream resume elsewhere exactly where it stopped (resume.py).
+                checked.body["return_token_ids"] = True
         except ApiError as e:
             self.metrics.requests.labels("none", endpoint, str(e.status)).inc()
             return JSONResponse(e.body(), status_code=e.status)
@@ -361,8 +365,24 @@ class RouterServer:
             self.metrics.requests.labels(path, endpoint, "200").inc()
             headers.update(_breakdown_headers(leg))
             return JSONResponse(first[1], headers=headers)
-        return StreamingResponse(self._stream(endpoint, path, leg, first[1], t0), media_type="text/event-stream",
+        return StreamingResponse(self._stream(endpoint, path, leg, first[1], t0, checked),
+                                 media_type="text/event-stream",
                                  headers=headers)
+
+    def _resume_leg(self, dead: "_Leg", tracker: StreamTracker, checked: CheckedRequest) -> Optional["_Leg"]:
+        """A continuation of a broken stream on another healthy engine (decode pool first, then any)."""
+        gone = {dead.replica_id, dead.served_by}
+        for name in ("decode", "monolithic", "prefill"):
+            pool = self.pools.get(name)
+            if pool is None:
+                continue
+            pick = self.decode_pick.pick([c for c in pool.candidates() if c.replica_id not in gone])
+            if pick is not None:
+                logger.warning("resuming a stream on %s replica %s after %d tokens", name, pick.replica_id,
+                               len(tracker.sent_ids))
+                return _Leg(pool, pick.replica_id, "completions",
+                            tracker.continuation(checked.body, self.cfg.model.served_name))
+        return None
 
     def _settle_link(self, leg: "_Leg", path: str, first: Optional[tuple], headers: dict[str, str]) -> str:
         """Feed the P/D link's breaker, and relabel a request whose KV transfer failed.
@@ -401,25 +421,54 @@ class RouterServer:
             b.labels("kv_transfer").observe(transfer)
         b.labels("decode_first_token").observe(max(0.0, ttft - leg.prefill_s - transfer))
 
-    async def _stream(self, endpoint, path, leg: _Leg, first_chunk: str, t0: float) -> AsyncIterator[str]:
+    async def _stream(self, endpoint, path, leg: _Leg, first_chunk: str, t0: float,
+                      checked: CheckedRequest) -> AsyncIterator[str]:
         ttft = None
         last = None
         tokens = 0
         completed = False
+        tracker = StreamTracker(endpoint)
+        resumes = 0
         try:
             with leg.pool.track(leg.replica_id):
-                chunks: list[str] = [first_chunk] + leg.ready_chunks()
-                while chunks:
-                    n = sum(1 for c in chunks if _carries_token(c))
-                    if n:
-                        now = time.perf_counter()
-                        if ttft is None:
-                            ttft = now - t0
-                        tokens += n
-                        last = now
-                    yield "".join(chunks)
-                    item = await leg.next_item()
-                    chunks = [item[1]] + leg.ready_chunks() if item is not None else []
+                pending: list[str] = [first_chunk] + leg.ready_chunks()
+                while True:
+                    if pending:
+                        n = sum(1 for c in pending if _carries_token(c))
+                        if n:
+                            now = time.perf_counter()
+                            if ttft is None:
+                                ttft = now - t0
+                            tokens += n
+                            last = now
+                        text = "".join(pending)
+                        if resumes:
+                            text = tracker.rewrite(text)
+                        tracker.observe(text)
+                        if text:
+                            yield text
+                    if tracker.done:
+                        break
+                    try:
+                        item = await leg.next_item()
+                    except Exception as e:  # noqa: BLE001 - the engine or its replica died mid-stream
+                        logger.warning("stream from %s broke after %d tokens: %r", leg.served_by or leg.replica_id,
+                                       len(tracker.sent_ids), e)
+                        item = None
+                    if item is not None:
+                        pending = [item[1]] + leg.ready_chunks()
+                        continue
+                    # The stream ended before [DONE]: resume it elsewhere, or end it cleanly.
+                    new_leg = None
+                    if resumes < self.cfg.fallback.max_stream_resumes and tracker.can_resume(checked.body):
+                        new_leg = self._resume_leg(leg, tracker, checked)
+                    if new_leg is None:
+                        self.metrics.stream_resumes.labels("exhausted").inc()
+                        yield error_event("the engine serving this stream failed and it could not be resumed")
+                        break
+                    self.metrics.stream_resumes.labels("resumed").inc()
+                    leg.cancel()
+                    leg, resumes, pending = new_leg, resumes + 1, []
             completed = True
         finally:
             if not completed:

@@ -34,6 +34,9 @@ class RouterMetrics:
         self.kv_transfer_failures = Counter("pdserve_kv_transfer_failures_total",
                                             "KV transfers that decode reported failed, by transport and kind",
                                             ["transport", "kind"], registry=r)
+        self.stream_resumes = Counter("pdserve_stream_resumes_total",
+                                      "Streams whose engine died mid-stream: resumed elsewhere, or ended with an "
+                                      "error event once resumes ran out", ["outcome"], registry=r)
         self.inflight = Gauge("pdserve_inflight_requests", "Requests in the router now", registry=r)
         self.replica_kv = Gauge("pdserve_replica_kv_cache_usage", "KV-cache usage per replica",
                                 ["pool", "replica"], registry=r)

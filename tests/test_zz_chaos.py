@@ -9,6 +9,7 @@ The long soak (more requests, more rounds) is `-m soak` (see README).
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
@@ -140,3 +141,46 @@ def test_chaos_soak(clusters, transport):
     cfg = clusters.grpc_cfg if transport == "grpc" else clusters.pd_cfg
     run_chaos(url, clusters.mono_url, requests=2000, concurrency=16, link_rounds=20,
               lease_s=cfg.kv_transfer.lease_seconds)
+
+
+def test_zzz_decode_killed_mid_stream_resumes_token_for_token(clusters):
+    """The decode replica dies while streaming; the router resumes on a healthy engine (here the
+    prefill engine, the only other one) from prompt + tokens sent. Runs last: it kills decode."""
+    import httpx
+
+    url = clusters.grpc_url
+    body = chat_body("Resume me exactly where I stopped: " + "stream token cache " * 20, max_tokens=400)
+    expected = post(clusters.mono_url, "/v1/chat/completions", body).json()["choices"][0]["token_ids"]
+    before = _sample_metric(url, 'pdserve_stream_resumes_total{outcome="resumed"}')
+    got, events, killed, gap = [], [], False, []
+    with httpx.Client(timeout=120) as c:
+        with c.stream("POST", url + "/v1/chat/completions", json=dict(body, stream=True)) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line)
+                if line == "data: [DONE]":
+                    break
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                got.extend(t for ch in chunk["choices"] for t in (ch.get("token_ids") or []))
+                if len(got) >= 10 and not killed:
+                    k = post(url, "/admin/chaos/kill-replica", {"pool": "decode"}, headers=ADMIN)
+                    assert k.status_code == 200, k.text
+                    killed, t_kill, n_kill = True, time.monotonic(), len(got)
+                elif killed and len(got) > n_kill and not gap:
+                    gap.append(time.monotonic() - t_kill)
+    assert killed and events[-1] == "data: [DONE]"
+    print(f"\nstream resumed {gap[0] * 1000:.0f} ms after the decode replica was killed")
+    assert got == expected, (len(got), len(expected))
+    assert _sample_metric(url, 'pdserve_stream_resumes_total{outcome="resumed"}') >= before + 1
+
+
+def _sample_metric(url: str, name: str) -> float:
+    import httpx
+
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
