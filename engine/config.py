@@ -130,10 +130,10 @@ class KVTransferSpec(_Strict):
     side_channel_base_port: int = Field(15600, ge=1024, le=65000)
     # Seconds a prefill holds finished blocks for a decode that never pulls them.
     lease_seconds: int = Field(30, ge=2)
-    # What decode does when a KV load fails. "recompute" prefills the failed blocks
-    # locally, so the client still gets the right answer; until the router retries
-    # decode-side failures itself (fallback issue), "fail" would end such a request
-    # with finish_reason "error".
+    # What decode does when a KV load fails. "recompute" (chosen on purpose) prefills
+    # locally before the first token: monolithic fallback in the same healthy engine,
+    # with no extra hop; the router labels it from the engine's pull report. "fail"
+    # would end the request with finish_reason "error".
     load_failure_policy: Literal["fail", "recompute"] = "recompute"
     grpc: GrpcTransportSpec = Field(default_factory=GrpcTransportSpec)
 

@@ -14,7 +14,7 @@ import grpc
 
 from pdserve.kv_transfer import kv_stream_pb2 as pb
 from pdserve.kv_transfer.kv_layout import BlockLayout, LayoutMismatch
-from pdserve.kv_transfer.kv_server import PULL_METHOD, RELEASE_METHOD, TLSFiles, _read, channel_options
+from pdserve.kv_transfer.kv_server import PULL_METHOD, RELEASE_METHOD, TLSFiles, channel_options, read_pem
 from pdserve.kv_transfer.kv_wire import decode_chunk
 
 _RELEASE_TIMEOUT_S = 1.0
@@ -44,6 +44,7 @@ _STATUS_KIND = {
     grpc.StatusCode.NOT_FOUND: "lease_unknown",
     grpc.StatusCode.FAILED_PRECONDITION: "lease_expired",
     grpc.StatusCode.CANCELLED: "stream_cut",
+    grpc.StatusCode.INVALID_ARGUMENT: "engine_mismatch",
 }
 
 
@@ -53,7 +54,7 @@ class KVPuller:
         self.layout = layout
         self.deadline_s = deadline_s
         self._options = channel_options(max_message_bytes)
-        self._creds = grpc.ssl_channel_credentials(_read(tls.ca)) if tls and tls.ca else None
+        self._creds = grpc.ssl_channel_credentials(read_pem(tls.ca)) if tls and tls.ca else None
         self._stubs: dict[tuple[str, int], _Stub] = {}
         self._lock = threading.Lock()
 

@@ -132,7 +132,7 @@ class KVStreamServicer:
 
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext):
         if request.engine_id != self.engine_id:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"engine id mismatch: this is {self.engine_id}, asked for {request.engine_id}")
         fault = self.faults.current()
         if fault.kill_links or self.faults.roll(fault.fail):
@@ -182,7 +182,7 @@ class TLSFiles:
     ca: str | None = None     # CA that signed the peer (client side: the server's CA)
 
 
-def _read(path: str) -> bytes:
+def read_pem(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
 
@@ -209,7 +209,7 @@ def start_server(servicer: KVStreamServicer, bind: str, max_message_bytes: int,
             response_serializer=pb.ReleaseReply.SerializeToString),
     }),))
     if tls and tls.cert and tls.key:
-        creds = grpc.ssl_server_credentials([(_read(tls.key), _read(tls.cert))])
+        creds = grpc.ssl_server_credentials([(read_pem(tls.key), read_pem(tls.cert))])
         port = server.add_secure_port(bind, creds)
     else:
         port = server.add_insecure_port(bind)

@@ -169,8 +169,9 @@ def test_unknown_request_and_wrong_engine_are_refused(prefill, decode):
         server._LEASE_REGISTRATION_WAIT_S = server_wait
     prefill.lease("r8", [1])
     job = prefill.job("r8", [1])
-    with pytest.raises(TransferFailed):
+    with pytest.raises(TransferFailed) as e:
         puller.pull(PullJob(job.request_id, "r8", "other-engine", job.host, job.port, [1], 0))
+    assert e.value.kind == "engine_mismatch"
 
 
 def test_a_lease_under_an_active_stream_is_not_reclaimed():
