@@ -429,6 +429,7 @@ class RouterServer:
         completed = False
         tracker = StreamTracker(endpoint)
         resumes = 0
+        status = "200"  # as counted in pdserve_requests_total; 499 if the client left
         try:
             with leg.pool.track(leg.replica_id):
                 pending: list[str] = [first_chunk] + leg.ready_chunks()
@@ -464,6 +465,7 @@ class RouterServer:
                         new_leg = self._resume_leg(leg, tracker, checked)
                     if new_leg is None:
                         self.metrics.stream_resumes.labels("exhausted").inc()
+                        status = "503"
                         yield error_event("the engine serving this stream failed and it could not be resumed")
                         break
                     self.metrics.stream_resumes.labels("resumed").inc()
@@ -474,7 +476,7 @@ class RouterServer:
             if not completed:
                 leg.cancel()  # client went away: abort the engine request
             self.metrics.inflight.dec()
-            self.metrics.requests.labels(path, endpoint, "200" if completed else "499").inc()
+            self.metrics.requests.labels(path, endpoint, status if completed else "499").inc()
             if ttft is not None:
                 self.metrics.ttft.labels(path).observe(ttft)
                 self._observe_breakdown(leg, ttft)
