@@ -1,0 +1,1 @@
+"""Offline capacity planning: model memory math, the parallelism decision tree, Little's Law sizing."""
