@@ -1,0 +1,131 @@
+"""Synthetic, seeded request sets: lognormal chat, fixed lengths, shared prefixes, tenant mixes.
+
+Prompts are words drawn from a fixed vocabulary of short, common English words, which BPE
+tokenizers mostly encode as one token each (with the leading space), so N words come to
+about N prompt tokens. The real count comes back in ``usage.prompt_tokens``.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+KINDS = ("chat", "fixed", "shared-prefix", "tenants")
+
+VOCAB: tuple[str, ...] = tuple("""
+the of and to in is it you that he was for on are as with his they at be this have from or one
+had by word but not what all were we when your can said there use an each which she do how their
+if will up other about out many then them these so some her would make like him into time has look
+two more write go see number no way could people my than first water been call who oil its now find
+long down day did get come made may part over new sound take only little work know place year live
+me back give most very after thing our just name good man think say great where help through much
+before line right too mean old any same tell boy follow came want show also around form three small
+set put end does another well large must big even such because turn here why ask went men read need
+land different home us move try kind hand picture again change off play spell air away animal house
+point page letter mother answer found study still learn should world high every near add food between
+own below country plant last school father keep tree never start city earth eye light thought head
+under story saw left few while along might close something seem next hard open example begin life
+always those both paper together got group often run important until children side feet car mile
+night walk white sea began grow took river four carry state once book hear stop without second late
+""".split())
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    api_key: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    prompt: str
+    prompt_len: int  # target length in tokens (approximate: one word ~ one token)
+    output_len: int  # max_tokens, with ignore_eos so the server generates exactly this many
+    tenant: Optional[str] = None
+    api_key: Optional[str] = None
+    prefix_id: Optional[int] = None  # shared-prefix workload: which prefix the prompt starts with
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    kind: str = "chat"
+    num_prompts: int = 100
+    seed: int = 0
+    # chat / tenants: lognormal lengths; the means are of the lengths (not of their logs)
+    input_len_mean: float = 256.0
+    input_len_sigma: float = 0.5
+    input_len_min: int = 8
+    input_len_max: int = 1024
+    output_len_mean: float = 64.0
+    output_len_sigma: float = 0.5
+    output_len_min: int = 4
+    output_len_max: int = 512
+    # fixed (and the output length of shared-prefix)
+    input_len: int = 256
+    output_len: int = 64
+    # shared-prefix
+    prefix_len: int = 512
+    num_prefixes: int = 4
+    suffix_len: int = 64
+    tenants: tuple[Tenant, ...] = field(default_factory=tuple)
+
+    def describe(self) -> str:
+        if self.kind == "fixed":
+            s = f"fixed: {self.input_len} tokens in, {self.output_len} out"
+        elif self.kind == "shared-prefix":
+            s = (f"shared-prefix: {self.num_prefixes} prefixes of {self.prefix_len} tokens + "
+                 f"{self.suffix_len}-token suffixes, {self.output_len} out")
+        else:
+            s = (f"{self.kind}: lognormal input mean {self.input_len_mean:g} sigma {self.input_len_sigma:g} "
+                 f"[{self.input_len_min}, {self.input_len_max}], output mean {self.output_len_mean:g} "
+                 f"sigma {self.output_len_sigma:g} [{self.output_len_min}, {self.output_len_max}]")
+        if self.tenants:
+            s += "; tenants " + ", ".join(f"{t.name} (weight {t.weight:g})" for t in self.tenants)
+        return f"{s}; {self.num_prompts} requests, seed {self.seed}"
+
+
+def make_text(n_tokens: int, rng: random.Random) -> str:
+    return " ".join(rng.choices(VOCAB, k=max(1, n_tokens)))
+
+
+def lognormal_lengths(n: int, mean: float, sigma: float, lo: int, hi: int, rng: np.random.Generator) -> list[int]:
+    """``n`` lengths whose underlying lognormal has mean ``mean``, rounded and clipped to [lo, hi]."""
+    mu = np.log(mean) - sigma * sigma / 2.0  # E[exp(N(mu, s^2))] = exp(mu + s^2/2)
+    raw = rng.lognormal(mu, sigma, size=n)
+    return [int(x) for x in np.clip(np.rint(raw), lo, hi)]
+
+
+def pick_tenants(n: int, tenants: tuple[Tenant, ...], rng: random.Random) -> list[Optional[Tenant]]:
+    if not tenants:
+        return [None] * n
+    return rng.choices(tenants, weights=[t.weight for t in tenants], k=n)
+
+
+def generate(spec: WorkloadSpec) -> list[SampleRequest]:
+    if spec.kind not in KINDS:
+        raise ValueError(f"unknown workload {spec.kind!r}; choose from {', '.join(KINDS)}")
+    n = spec.num_prompts
+    nrng = np.random.default_rng(spec.seed)
+    rng = random.Random(spec.seed)
+    prefix_ids: list[Optional[int]] = [None] * n
+    if spec.kind == "fixed":
+        ins, outs = [spec.input_len] * n, [spec.output_len] * n
+        prompts = [make_text(spec.input_len, rng) for _ in range(n)]
+    elif spec.kind == "shared-prefix":
+        prefixes = [make_text(spec.prefix_len, rng) for _ in range(spec.num_prefixes)]
+        prefix_ids = [rng.randrange(spec.num_prefixes) for _ in range(n)]
+        prompts = [f"{prefixes[p]} {make_text(spec.suffix_len, rng)}" for p in prefix_ids]
+        ins, outs = [spec.prefix_len + spec.suffix_len] * n, [spec.output_len] * n
+    else:
+        ins = lognormal_lengths(n, spec.input_len_mean, spec.input_len_sigma, spec.input_len_min,
+                                spec.input_len_max, nrng)
+        outs = lognormal_lengths(n, spec.output_len_mean, spec.output_len_sigma, spec.output_len_min,
+                                 spec.output_len_max, nrng)
+        prompts = [make_text(k, rng) for k in ins]
+    tenants = pick_tenants(n, spec.tenants, rng)
+    return [SampleRequest(prompt=p, prompt_len=i, output_len=o, tenant=t.name if t else None,
+                          api_key=t.api_key if t else None, prefix_id=pid)
+            for p, i, o, t, pid in zip(prompts, ins, outs, tenants, prefix_ids)]
