@@ -10,6 +10,7 @@ from typing import Any
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from pdserve.cluster.autoscaling import autoscaling_config
 from pdserve.decode.deployment import DecodeServer, MonolithicServer
 from pdserve.engine.config import ClusterConfig, PoolSpec
 from pdserve.prefill.deployment import PrefillServer
@@ -34,10 +35,12 @@ def _actor_options(cfg: ClusterConfig, pool: PoolSpec) -> dict[str, Any]:
 
 
 def _engine_deployment(cfg: ClusterConfig, name: str, pool: PoolSpec, config_dict: dict):
+    scaling = ({"autoscaling_config": autoscaling_config(pool)} if pool.autoscaling
+               else {"num_replicas": pool.replicas})
     return serve.deployment(
         _SERVERS[name],
         name=name,
-        num_replicas=pool.replicas,
+        **scaling,
         max_ongoing_requests=pool.max_ongoing_requests,
         ray_actor_options=_actor_options(cfg, pool),
         request_router_config=RequestRouterConfig(request_router_class=TargetedRequestRouter),
@@ -63,4 +66,4 @@ def build_app(cfg: ClusterConfig):
 def cpus_needed(cfg: ClusterConfig) -> int:
     if cfg.device != "cpu":
         return 0
-    return sum(len(p.cores_for(i)) for p in cfg.pools().values() for i in range(p.replicas))
+    return sum(len(p.cores_for(i)) for p in cfg.pools().values() for i in range(p.max_replicas))

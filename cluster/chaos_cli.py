@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
     c.set_defaults(fn=run)
 
 
-def _key(args) -> str | None:
+def admin_key_for(args) -> str | None:
     if args.admin_key:
         return args.admin_key
     if os.environ.get("PDSERVE_ADMIN_KEY"):
@@ -68,13 +68,18 @@ def _request(args) -> tuple[str, str, dict | None]:
 
 
 def run(args) -> int:
-    key = _key(args)
+    key = admin_key_for(args)
     if key is None:
         print("pdserve chaos: this URL is not loopback: give --admin-key or set PDSERVE_ADMIN_KEY", file=sys.stderr)
         return 2
     method, path, body = _request(args)
+    return call_admin(args.url, key, method, path, body, f"chaos {args.action}")
+
+
+def call_admin(url: str, key: str, method: str, path: str, body: dict | None, label: str) -> int:
+    """One admin API call; prints the JSON answer, or the error naming the problem."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(args.url.rstrip("/") + path, data=data, method=method,
+    req = urllib.request.Request(url.rstrip("/") + path, data=data, method=method,
                                  headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
@@ -85,8 +90,8 @@ def run(args) -> int:
             message = json.load(e)["error"]["message"]
         except Exception:  # noqa: BLE001
             message = e.reason
-        print(f"pdserve chaos {args.action}: HTTP {e.code}: {message}", file=sys.stderr)
+        print(f"pdserve {label}: HTTP {e.code}: {message}", file=sys.stderr)
         return 1
     except (urllib.error.URLError, OSError) as e:
-        print(f"pdserve chaos: cannot reach {args.url}: {e}", file=sys.stderr)
+        print(f"pdserve {label}: cannot reach {url}: {e}", file=sys.stderr)
         return 1

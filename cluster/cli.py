@@ -100,9 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=_cmd_status)
 
-    from pdserve.cluster import chaos_cli
+    from pdserve.bench import ab, bench_cli
+    from pdserve.cluster import admin_cli, chaos_cli
+    from pdserve.planner import cli as plan_cli
 
     chaos_cli.add_parser(sub)
+    plan_cli.add_parser(sub)
+    bench_cli.add_parser(sub)
+    ab.add_parser(sub)
+    admin_cli.add_parser(sub)
 
     m = sub.add_parser("model", help="write a built-in model directory")
     m.add_argument("name", help="built-in model name (tiny, tiny-wide)")

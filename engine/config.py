@@ -12,6 +12,8 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pdserve.engine.policy_config import CLASSES, AdmissionSpec, AuthSpec, ClassSLO, LadderSpec
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -60,9 +62,39 @@ class EngineOptions(_Strict):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     enforce_eager: bool = True
     enable_prefix_caching: bool = True
+    # Fixes the KV cache at this many blocks (vLLM's num_gpu_blocks_override), e.g. to give a
+    # small demo model realistic KV pressure; it must hold one max_model_len request.
+    kv_cache_blocks: Optional[int] = Field(None, ge=1)
+    # "priority": the router passes each request's class as vLLM's request priority, so an
+    # engine schedules Critical first and, when KV runs out, preempts Sheddable before it.
+    # Requests of one class keep arrival order, as with "fcfs".
+    scheduling_policy: Literal["priority", "fcfs"] = "priority"
+
+
+class AutoscalingSpec(_Strict):
+    """Little's-Law autoscaling of one pool: replicas = ceil(λ x W / (c_knee x safety))."""
+
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(1, ge=1)
+    # Concurrency one replica sustains at its goodput knee (measured, e.g. with `pdserve bench`).
+    c_knee: float = Field(..., gt=0)
+    safety: float = Field(0.75, gt=0, le=1)
+    # λ and W are measured over this window in each replica.
+    window_s: float = Field(10.0, gt=0)
+    # No scale-up within this long of the last change, no scale-down within the longer one.
+    upscale_cooldown_s: float = Field(5.0, ge=0)
+    downscale_cooldown_s: float = Field(30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_bounds(self):
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"autoscaling.max_replicas ({self.max_replicas}) is below min_replicas "
+                             f"({self.min_replicas})")
+        return self
 
 
 class PoolSpec(_Strict):
+    # Replicas at start; with autoscaling, they move within its bounds.
     replicas: int = Field(1, ge=1)
     tensor_parallel_size: int = Field(1, ge=1)
     # CPU: one core set per replica, e.g. ["0", "1"]; these sets must not overlap
@@ -73,6 +105,19 @@ class PoolSpec(_Strict):
     gpus_per_replica: float = Field(0, ge=0)
     ray_resources: dict[str, float] = Field(default_factory=dict)
     max_ongoing_requests: int = Field(256, ge=1)
+    autoscaling: Optional[AutoscalingSpec] = None
+
+    @model_validator(mode="after")
+    def _check_scaling(self):
+        a = self.autoscaling
+        if a is not None and not a.min_replicas <= self.replicas <= a.max_replicas:
+            raise ValueError(f"replicas ({self.replicas}) must lie within autoscaling bounds "
+                             f"[{a.min_replicas}, {a.max_replicas}]")
+        return self
+
+    @property
+    def max_replicas(self) -> int:
+        return self.autoscaling.max_replicas if self.autoscaling else self.replicas
 
     @field_validator("cpu_cores")
     @classmethod
@@ -193,6 +238,24 @@ class SLOSpec(_Strict):
     ttft_ms: float = Field(500.0, gt=0)
     tpot_ms: float = Field(50.0, gt=0)
     e2e_ms: Optional[float] = Field(None, gt=0)
+    # Per-class overrides (critical / standard / sheddable); unset fields use the above.
+    classes: dict[str, ClassSLO] = Field(default_factory=dict)
+    # Width of the sliding window behind the live goodput gauge.
+    goodput_window_s: float = Field(60.0, gt=0)
+
+    @field_validator("classes")
+    @classmethod
+    def _check_classes(cls, v):
+        bad = [k for k in v if k not in CLASSES]
+        if bad:
+            raise ValueError(f"slo.classes: unknown classes {bad}; known: {list(CLASSES)}")
+        return v
+
+    def for_class(self, priority_class: str) -> dict[str, Optional[float]]:
+        """The SLO in force for a class, in milliseconds."""
+        o = self.classes.get(priority_class) or ClassSLO()
+        return {"ttft_ms": o.ttft_ms or self.ttft_ms, "tpot_ms": o.tpot_ms or self.tpot_ms,
+                "e2e_ms": o.e2e_ms or self.e2e_ms}
 
 
 class ClusterConfig(_Strict):
@@ -209,6 +272,32 @@ class ClusterConfig(_Strict):
     slo: SLOSpec = Field(default_factory=SLOSpec)
     fallback: FallbackSpec = Field(default_factory=FallbackSpec)
     admin: AdminSpec = Field(default_factory=AdminSpec)
+    auth: AuthSpec = Field(default_factory=AuthSpec)
+    admission: AdmissionSpec = Field(default_factory=AdmissionSpec)
+    ladder: LadderSpec = Field(default_factory=LadderSpec)
+
+    @model_validator(mode="after")
+    def _check_kv_blocks(self):
+        blocks = self.engine.kv_cache_blocks
+        # vLLM keeps one block back (its null block) besides a full-context request's blocks.
+        need = -(-self.model.max_model_len // self.model.block_size) + 1
+        if blocks is not None and blocks < need:
+            raise ValueError(f"engine.kv_cache_blocks {blocks} cannot hold one request of max_model_len "
+                             f"{self.model.max_model_len} (vLLM needs {need} blocks of {self.model.block_size})")
+        return self
+
+    @model_validator(mode="after")
+    def _check_ladder_target(self):
+        lad = self.ladder
+        if lad.degraded_target is None:
+            lad.degraded_target = "prefill" if self.mode == "pd" else "off"
+        elif lad.degraded_target == "prefill" and self.mode != "pd":
+            raise ValueError("ladder.degraded_target 'prefill' needs mode 'pd' (a monolithic cluster has one pool)")
+        models = {t.name: t.models for t in self.auth.tenants}
+        for tenant, allowed in models.items():
+            if allowed is not None and not allowed:
+                raise ValueError(f"auth tenant {tenant!r}: 'models' is empty; omit it to allow every model")
+        return self
 
     @model_validator(mode="after")
     def _check_admin(self):
@@ -247,11 +336,13 @@ class ClusterConfig(_Strict):
                     f"pool {name!r}: device 'cpu' needs cpu_cores (one core set per replica); "
                     "engines left on OpenMP 'auto' binding fight over every core"
                 )
-            if len(pool.cpu_cores) != pool.replicas:
+            if len(pool.cpu_cores) != pool.max_replicas:
+                what = "autoscaling.max_replicas" if pool.autoscaling else "replicas"
                 raise ValueError(
-                    f"pool {name!r}: {pool.replicas} replicas but {len(pool.cpu_cores)} core sets"
+                    f"pool {name!r}: {what} is {pool.max_replicas} but there are {len(pool.cpu_cores)} core sets "
+                    "(on CPU the cores bound the replicas: one core set per replica)"
                 )
-            for i in range(pool.replicas):
+            for i in range(pool.max_replicas):
                 for core in pool.cores_for(i):
                     where = f"{name}[{i}]"
                     if core in owner:

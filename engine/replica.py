@@ -14,6 +14,7 @@ from typing import Any, AsyncIterator, Optional
 from ray import serve
 
 from pdserve.engine.config import ClusterConfig
+from pdserve.engine.little_meter import LittleMeter
 from pdserve.engine.server import EngineServer, Role
 
 logger = logging.getLogger("pdserve.replica")
@@ -64,6 +65,8 @@ class EngineReplica:
         rank = ctx.rank
         local_rank = getattr(rank, "local_rank", rank if isinstance(rank, int) else 0)
         self.server = EngineServer(self.cfg, self.role, int(local_rank))
+        scaling = self.cfg.pools()[self.role].autoscaling
+        self.meter = LittleMeter(scaling.window_s if scaling else 10.0)
         await self.server.start()
 
     async def generate(self, endpoint: str, body: dict[str, Any], replica: Optional[str] = None) -> AsyncIterator[list]:
@@ -76,11 +79,19 @@ class EngineReplica:
         """
         meta = ("meta", {"replica": self.replica_id, "role": self.role})
         first = True
-        async for batch in coalesce(self.server.handle(endpoint, body)):
-            if first:
-                batch.insert(0, meta)
-                first = False
-            yield batch
+        token = self.meter.start()
+        try:
+            async for batch in coalesce(self.server.handle(endpoint, body)):
+                if first:
+                    batch.insert(0, meta)
+                    first = False
+                yield batch
+        finally:
+            self.meter.finish(token)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's custom-metrics hook: λ and W for the pool's Little's-Law policy."""
+        return self.meter.stats()
 
     def load(self, replica: Optional[str] = None) -> dict[str, Any]:
         report = self.server.load()

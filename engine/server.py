@@ -98,6 +98,8 @@ class EngineServer:
             enforce_eager=cfg.engine.enforce_eager,
             enable_prefix_caching=cfg.engine.enable_prefix_caching,
             gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
+            num_gpu_blocks_override=cfg.engine.kv_cache_blocks,
+            scheduling_policy=cfg.engine.scheduling_policy,
             kv_transfer_config=kv_config,
             disable_log_stats=False,
         )

@@ -32,6 +32,8 @@ class LoadReport:
     kv_checksum_failures_total: int = 0
     kv_failure_kinds: dict[str, int] = field(default_factory=dict)
     steps_total: int = 0
+    # Tokens the engine's KV cache holds when full (blocks x block size); 0 until known.
+    kv_capacity_tokens: int = 0
     updated_at: float = field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, Any]:
@@ -52,6 +54,13 @@ class LoadTracker:
         self.report = LoadReport()
         # prefill request id -> this engine's pull of it, for connectors that name requests
         self._transfers: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    def set_kv_capacity(self, vllm_config) -> None:
+        cache = getattr(vllm_config, "cache_config", None)
+        blocks = getattr(cache, "num_gpu_blocks", None) if cache is not None else None
+        if blocks:
+            with self._lock:
+                self.report.kv_capacity_tokens = int(blocks) * int(cache.block_size)
 
     def transfer_of(self, remote_request_id: str | None) -> dict[str, Any] | None:
         if not remote_request_id:
@@ -112,11 +121,14 @@ def stat_logger_factory(tracker: LoadTracker):
     class _PdserveLoadLogger(StatLoggerBase):
         def __init__(self, vllm_config, engine_index: int = 0):
             self.engine_index = engine_index
+            self.vllm_config = vllm_config
+            tracker.set_kv_capacity(vllm_config)
 
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
             tracker.record(scheduler_stats, iteration_stats)
 
         def log_engine_initialized(self):
-            pass
+            # the KV cache is sized by now (num_gpu_blocks comes back from the engine core)
+            tracker.set_kv_capacity(self.vllm_config)
 
     return _PdserveLoadLogger

@@ -5,6 +5,8 @@
     POST /admin/chaos/faults         {"fail": 0.3, "delay_s": 1, "corrupt": 0.1, ...} (see kv_transfer/faults.py)
     POST /admin/chaos/kill-replica   {"pool": "prefill", "replica": "<id>"?}: SIGKILL a replica process
     GET  /admin/chaos                faults per engine and breaker state per link
+    POST /admin/ladder               {"rung": N} forces a degradation rung (game days); {"auto": true} releases it
+    GET  /admin/ladder               the rung, whether it is forced, and the KV signal behind it
 
 Faults enter the transfer path inside the engines (the gRPC server and puller, NIXL's
 read path), never the router's own logic, so what the router sees is what a real failure
@@ -148,6 +150,28 @@ def add_admin_routes(app: FastAPI, server: "RouterServer") -> None:
 
         return await guarded(request, act)
 
+    async def ladder_set(request: Request):
+        async def act(body):
+            if set(body) == {"rung"} and isinstance(body["rung"], int) and not isinstance(body["rung"], bool):
+                server.admission.ladder.force(body["rung"])
+            elif body == {"auto": True}:
+                server.admission.ladder.auto()
+            else:
+                raise ValueError('send {"rung": N} with N in 0..4, or {"auto": true}')
+            server.metrics.rung.set(server.admission.ladder.current)
+            logger.warning("admin: ladder now %s", server.admission.ladder.state())
+            return server.admission.ladder.state()
+
+        return await guarded(request, act)
+
+    async def ladder_show(request: Request):
+        return await guarded(request, lambda body: _ladder_state())
+
+    async def _ladder_state():
+        return server.admission.ladder.state()
+
+    app.add_api_route("/admin/ladder", ladder_set, methods=["POST"])
+    app.add_api_route("/admin/ladder", ladder_show, methods=["GET"])
     app.add_api_route("/admin/chaos/kill-links", kill_links, methods=["POST"])
     app.add_api_route("/admin/chaos/heal-links", heal_links, methods=["POST"])
     app.add_api_route("/admin/chaos/faults", faults, methods=["POST"])

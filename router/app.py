@@ -20,12 +20,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from pdserve.admission.controller import CLASS_RANK, AdmissionController, Ticket
+from pdserve.admission.fleet_gate import FleetState, kv_bytes_per_token
+from pdserve.admission.rejection import Rejection
+from pdserve.admission.tenants import TenantDirectory
 from pdserve.engine.config import ClusterConfig, resolve_admin_key
 from pdserve.engine.tiny_model import resolve_model
 from pdserve.fallback.breaker import STATE_VALUE, BreakerSettings, LinkBreakers
 from pdserve.fallback.policy import FallbackCause
 from pdserve.kv_transfer.registry import prefill_request_params
 from pdserve.router.admin import add_admin_routes
+from pdserve.router.goodput import GoodputWindow
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pools import Pool
 from pdserve.router.protocol import ApiError, CheckedRequest, RequestChecker, error_body, parse_json_body
@@ -54,6 +59,22 @@ def _breakdown_headers(leg: "_Leg") -> dict[str, str]:
         out["x-pdserve-kv-transfer"] = (f"ok; ms={pull['seconds'] * 1000:.2f}; bytes={pull['bytes']}" if pull["ok"]
                                         else f"failed; kind={pull.get('kind')}")
     return out
+
+
+class _Ctx:
+    """One admitted request as the router follows it to the end."""
+
+    def __init__(self, ticket: Ticket, t0: float) -> None:
+        self.ticket = ticket
+        self.t0 = t0
+        self.cls = ticket.priority_class
+        self.output_tokens = 0
+
+
+def _model_kv_bytes_per_token(cfg: ClusterConfig, model_path: str) -> int:
+    from transformers import AutoConfig
+
+    return kv_bytes_per_token(AutoConfig.from_pretrained(model_path).to_dict(), cfg.model.dtype)
 
 
 class _Leg:
@@ -148,9 +169,18 @@ class RouterServer:
                 self.pools[name] = Pool(name, handle)
         self.prefill_pick = least_loaded()
         self.decode_pick = least_loaded(kv_headroom=self.cfg.router.decode_kv_headroom)
-        self.checker = RequestChecker(self.cfg.model.served_name, resolve_model(self.cfg.model.path),
-                                      self.cfg.model.max_model_len)
+        model_path = resolve_model(self.cfg.model.path)
+        self.checker = RequestChecker(self.cfg.model.served_name, model_path, self.cfg.model.max_model_len)
         self.metrics = RouterMetrics()
+        self.tenants = TenantDirectory(self.cfg.auth, salt_secret=f"pdserve-cache-salt:{self.cfg.name}")
+        serving = self.cfg.decode if self.mode == "pd" else self.cfg.monolithic
+        capacity = self.cfg.admission.max_inflight or serving.max_replicas * self.cfg.engine.max_num_seqs
+        self.kv_bytes_per_token = _model_kv_bytes_per_token(self.cfg, model_path)
+        self.admission = AdmissionController(self.cfg.admission, self.cfg.ladder, capacity, self.kv_bytes_per_token)
+        self.goodput = GoodputWindow(self.cfg.slo)
+        self._preempt_seen: Optional[tuple[float, int]] = None
+        self._kv_seen: dict[str, tuple[int, float, int]] = {}  # decode replica -> (bytes, seconds, count)
+        self._last_serve_poll = 0.0
         fb = self.cfg.fallback
         self.breakers = LinkBreakers(
             BreakerSettings(fb.link_failure_threshold, fb.link_open_seconds, fb.link_half_open_probes),
@@ -180,6 +210,66 @@ class RouterServer:
                 self.metrics.replica_kv.labels(pool.name, st.replica_id).set(st.load.get("kv_cache_usage", 0.0))
                 self.metrics.replica_running.labels(pool.name, st.replica_id).set(st.load.get("running", 0))
                 self.metrics.replica_waiting.labels(pool.name, st.replica_id).set(st.load.get("waiting", 0))
+                self.metrics.replica_preemptions.labels(pool.name, st.replica_id).set(
+                    st.load.get("preemptions_total", 0))
+        self._observe_fleet()
+        self._count_kv_transfers()
+        if time.monotonic() - self._last_serve_poll >= 2.0:
+            self._last_serve_poll = time.monotonic()
+            await self._poll_pool_sizes()
+
+    def _count_kv_transfers(self) -> None:
+        """Turns the decode replicas' running KV totals into this router's counters."""
+        pool = self.pools.get("decode")
+        transport = self.cfg.kv_transfer.transport
+        for st in (pool.replicas.values() if pool else []):
+            now = (int(st.load.get("kv_transfer_bytes_total", 0)), float(st.load.get("kv_transfer_seconds_total", 0.0)),
+                   int(st.load.get("kv_transfers_total", 0)))
+            seen = self._kv_seen.get(st.replica_id, (0, 0.0, 0))
+            if now[0] >= seen[0]:  # a restarted replica starts from zero again
+                self.metrics.kv_transfer_bytes.labels(transport).inc(now[0] - seen[0])
+                self.metrics.kv_transfer_busy.labels(transport).inc(max(0.0, now[1] - seen[1]))
+                self.metrics.kv_transfers.labels(transport).inc(max(0, now[2] - seen[2]))
+            self._kv_seen[st.replica_id] = now
+
+    async def _poll_pool_sizes(self) -> None:
+        """Ray Serve's replica counts per pool (what its autoscaler is holding), for /metrics."""
+        from ray import serve
+
+        try:
+            app = serve.get_replica_context().app_name
+            status = await asyncio.to_thread(serve.status)
+            deployments = status.applications[app].deployments
+        except Exception as e:  # noqa: BLE001 - metrics only; never break serving over them
+            logger.debug("serve.status failed: %r", e)
+            return
+        for name in self.pools:
+            d = deployments.get(name)
+            if d is not None:
+                live = sum(n for state, n in d.replica_states.items() if str(getattr(state, "value", state))
+                           in ("STARTING", "UPDATING", "RECOVERING", "RUNNING"))
+                self.metrics.autoscaler_target.labels(name).set(live)
+
+    def _observe_fleet(self) -> None:
+        """Feeds the serving (decode or monolithic) pool's KV pressure to admission and the ladder."""
+        pool = self.pools.get("decode" if self.mode == "pd" else "monolithic")
+        live = [st for st in pool.replicas.values() if st.healthy] if pool else []
+        now = time.monotonic()
+        preempted = sum(int(st.load.get("preemptions_total", 0)) for st in live)
+        rate = 0.0
+        if self._preempt_seen is not None and now > self._preempt_seen[0]:
+            rate = max(0, preempted - self._preempt_seen[1]) / (now - self._preempt_seen[0])
+        self._preempt_seen = (now, preempted)
+        n = len(live)
+        fleet = FleetState(
+            kv_usage=sum(float(st.load.get("kv_cache_usage", 0.0)) for st in live) / n if n else 0.0,
+            kv_capacity_bytes=float(sum(int(st.load.get("kv_capacity_tokens", 0)) for st in live)
+                                    * self.kv_bytes_per_token),
+            waiting_per_replica=sum(int(st.load.get("waiting", 0)) for st in live) / n if n else 0.0,
+            healthy_replicas=n)
+        self.metrics.rung.set(self.admission.observe_fleet(fleet, rate))
+        for cls, rps in self.goodput.rates(time.monotonic()).items():
+            self.metrics.goodput_rps.labels(cls).set(rps)
 
     async def _poll_forever(self) -> None:
         while True:
@@ -207,6 +297,8 @@ class RouterServer:
         return {"status": "ok", "mode": self.mode}
 
     async def prometheus_metrics(self):
+        for cls, rps in self.goodput.rates(time.monotonic()).items():
+            self.metrics.goodput_rps.labels(cls).set(rps)
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def status(self):
@@ -214,12 +306,19 @@ class RouterServer:
                 "pools": {n: p.status() for n, p in self.pools.items()},
                 "links": [{"prefill": p, "decode": d, "state": st.value}
                           for (p, d), st in self.breakers.states().items()],
+                "ladder": self.admission.ladder.state(),
+                "admission": {"capacity": self.admission.slots.capacity,
+                              "inflight": dict(self.admission.slots.inflight),
+                              "queued": self.admission.queue_depth()},
                 "poll_errors": {n: p.last_error for n, p in self.pools.items() if p.last_error}}
 
     # ------------------------------------------------------------------ serving
     async def _serve(self, endpoint: str, request: Request):
         t0 = time.perf_counter()
+        cls = "none"
         try:
+            tenant = self.tenants.authenticate(request.headers)
+            cls = tenant.priority_class
             raw = await request.body()
             body = parse_json_body(raw, self.cfg.router.max_body_bytes)
             checked = self.checker.check(endpoint, body)
@@ -229,11 +328,24 @@ class RouterServer:
         except ApiError as e:
             self.metrics.requests.labels("none", endpoint, str(e.status)).inc()
             return JSONResponse(e.body(), status_code=e.status)
+        except Rejection as r:
+            return self._rejected(r, cls, endpoint)
+        try:
+            ticket = await self.admission.admit(tenant, checked.body.get("model") or self.cfg.model.served_name,
+                                                checked.prompt_tokens, checked.max_tokens)
+        except Rejection as r:
+            return self._rejected(r, cls, endpoint)
+        ctx = _Ctx(ticket, t0)
+        headers = self._admitted(ctx, checked)
         self.metrics.inflight.inc()
         handed_off = False
         try:
-            headers: dict[str, str] = {}
-            if self.mode == "monolithic":
+            if ticket.degraded_target == "prefill":
+                path = "monolithic"
+                pool = self.pools["prefill"]
+                pick = self.prefill_pick.pick(pool.candidates())
+                leg = _Leg(pool, pick.replica_id if pick else None, endpoint, checked.body)
+            elif self.mode == "monolithic":
                 path = "monolithic"
                 pool = self.pools["monolithic"]
                 pick = self.decode_pick.pick(pool.candidates())
@@ -242,12 +354,55 @@ class RouterServer:
                 path, leg, early = await self._pd_legs(endpoint, checked, headers, t0)
                 if early is not None:
                     return early
-            response = await self._respond(endpoint, path, leg, checked, headers, t0)
+            response = await self._respond(endpoint, path, leg, checked, headers, ctx)
             handed_off = isinstance(response, StreamingResponse)
             return response
         finally:
             if not handed_off:
                 self.metrics.inflight.dec()
+                self._finish(ctx)
+
+    def _rejected(self, r: Rejection, cls: str, endpoint: str) -> JSONResponse:
+        self.metrics.admissions.labels(cls, "rejected", r.reason).inc()
+        self.metrics.requests.labels("none", endpoint, str(r.status)).inc()
+        return JSONResponse(r.body(), status_code=r.status, headers=r.headers())
+
+    def _admitted(self, ctx: _Ctx, checked: CheckedRequest) -> dict[str, str]:
+        """Applies the admission decision to the body; returns the response headers it implies."""
+        t = ctx.ticket
+        headers = {"x-pdserve-class": t.priority_class}
+        reason = "ok"
+        if t.capped_from is not None:
+            key = "max_completion_tokens" if "max_completion_tokens" in checked.body else "max_tokens"
+            checked.body[key] = t.max_tokens
+            checked.max_tokens = t.max_tokens
+            headers["x-pdserve-degraded"] = f"max-tokens-capped; from={t.capped_from}; to={t.max_tokens}"
+            reason = "capped"
+        if t.degraded_target is not None:
+            headers["x-pdserve-degraded"] = f"degraded-target={t.degraded_target}" + (
+                f"; max-tokens-capped={t.max_tokens}" if t.capped_from is not None else "")
+            reason = "degraded"
+        if t.tenant.cache_salt is not None:
+            checked.body["cache_salt"] = t.tenant.cache_salt  # overrides any salt the client sent
+        if self.cfg.engine.scheduling_policy == "priority":
+            checked.body["priority"] = CLASS_RANK[t.priority_class]
+        else:
+            checked.body.pop("priority", None)  # fcfs engines refuse any priority but 0
+        self.metrics.admissions.labels(t.priority_class, "admitted", reason).inc()
+        self.metrics.queue_wait.labels(t.priority_class).observe(t.queue_wait_s)
+        return headers
+
+    def _finish(self, ctx: _Ctx) -> None:
+        t = ctx.ticket
+        self.admission.finish(t, ctx.output_tokens)
+        self.metrics.tenant_tokens.labels(t.tenant.name, "input").inc(t.prompt_tokens)
+        self.metrics.tenant_tokens.labels(t.tenant.name, "output").inc(ctx.output_tokens)
+
+    def _judge(self, ctx: _Ctx, ttft: float, tpot: Optional[float], e2e: float) -> None:
+        met = self.goodput.judge(ctx.cls, ttft, tpot, e2e, time.monotonic())
+        self.metrics.slo_requests.labels(ctx.cls, "true" if met else "false").inc()
+        if met:
+            self.metrics.goodput_requests.labels(ctx.cls).inc()
 
     async def _pd_legs(self, endpoint: str, checked: CheckedRequest, headers: dict[str, str], t0: float):
         """Run the prefill leg; return (path, decode leg, early error response or None)."""
@@ -337,7 +492,8 @@ class RouterServer:
                 task.cancel()
                 leg.cancel()
 
-    async def _respond(self, endpoint, path, leg: _Leg, checked: CheckedRequest, headers, t0):
+    async def _respond(self, endpoint, path, leg: _Leg, checked: CheckedRequest, headers, ctx: _Ctx):
+        t0 = ctx.t0
         with leg.pool.track(leg.replica_id):
             try:
                 first = await asyncio.wait_for(leg.next_item(), self.cfg.router.request_timeout_s)
@@ -361,11 +517,14 @@ class RouterServer:
             return JSONResponse(first[2], status_code=first[1], headers=headers)
         if kind == "json":
             e2e = time.perf_counter() - t0
-            self.metrics.e2e.labels(path).observe(e2e)
+            self.metrics.e2e.labels(path, ctx.cls).observe(e2e)
             self.metrics.requests.labels(path, endpoint, "200").inc()
+            usage = first[1].get("usage") or {}
+            ctx.output_tokens = int(usage.get("completion_tokens") or 0)
+            self._judge(ctx, e2e, None, e2e)
             headers.update(_breakdown_headers(leg))
             return JSONResponse(first[1], headers=headers)
-        return StreamingResponse(self._stream(endpoint, path, leg, first[1], t0, checked),
+        return StreamingResponse(self._stream(endpoint, path, leg, first[1], ctx, checked),
                                  media_type="text/event-stream",
                                  headers=headers)
 
@@ -400,6 +559,8 @@ class RouterServer:
             return path
         failed = pull is not None and not pull.get("ok")
         self.breakers.record(*leg.link, ok=not failed)
+        if pull is not None and pull.get("ok"):
+            self.metrics.kv_transfer_seconds.labels(self.cfg.kv_transfer.transport).observe(pull["seconds"])
         if not failed:
             return path
         kind = pull.get("kind") or "unknown"
@@ -409,20 +570,23 @@ class RouterServer:
         headers["x-pdserve-fallback-cause"] = cause.value
         return "fallback"
 
-    def _observe_breakdown(self, leg: "_Leg", ttft: float) -> None:
-        """Splits a P/D request's TTFT: prefill leg, KV transfer, and the rest (routing, decode queue, first step)."""
+    def _observe_breakdown(self, leg: "_Leg", ttft: float, queue_s: float) -> None:
+        """Splits a P/D request's TTFT: admission queue, prefill leg, KV transfer, and the rest
+        (routing, decode queue, first step)."""
         if leg.prefill_s is None:
             return
         pull = leg.kv_pull
         transfer = pull["seconds"] if pull and pull.get("ok") else 0.0
         b = self.metrics.ttft_breakdown
+        b.labels("queue").observe(queue_s)
         b.labels("prefill").observe(leg.prefill_s)
         if pull and pull.get("ok"):
             b.labels("kv_transfer").observe(transfer)
-        b.labels("decode_first_token").observe(max(0.0, ttft - leg.prefill_s - transfer))
+        b.labels("decode_first_token").observe(max(0.0, ttft - queue_s - leg.prefill_s - transfer))
 
-    async def _stream(self, endpoint, path, leg: _Leg, first_chunk: str, t0: float,
+    async def _stream(self, endpoint, path, leg: _Leg, first_chunk: str, ctx: _Ctx,
                       checked: CheckedRequest) -> AsyncIterator[str]:
+        t0 = ctx.t0
         ttft = None
         last = None
         tokens = 0
@@ -440,6 +604,8 @@ class RouterServer:
                             now = time.perf_counter()
                             if ttft is None:
                                 ttft = now - t0
+                            elif last is not None:
+                                self.metrics.itl.labels(path, ctx.cls).observe(now - last)
                             tokens += n
                             last = now
                         text = "".join(pending)
@@ -476,11 +642,16 @@ class RouterServer:
             if not completed:
                 leg.cancel()  # client went away: abort the engine request
             self.metrics.inflight.dec()
+            ctx.output_tokens = tokens
+            self._finish(ctx)
             self.metrics.requests.labels(path, endpoint, status if completed else "499").inc()
             if ttft is not None:
-                self.metrics.ttft.labels(path).observe(ttft)
-                self._observe_breakdown(leg, ttft)
-                self.metrics.e2e.labels(path).observe(last - t0)
-                if tokens > 1:
-                    self.metrics.tpot.labels(path).observe((last - t0 - ttft) / (tokens - 1))
+                self.metrics.ttft.labels(path, ctx.cls).observe(ttft)
+                self._observe_breakdown(leg, ttft, ctx.ticket.queue_wait_s)
+                self.metrics.e2e.labels(path, ctx.cls).observe(last - t0)
+                tpot = (last - t0 - ttft) / (tokens - 1) if tokens > 1 else None
+                if tpot is not None:
+                    self.metrics.tpot.labels(path, ctx.cls).observe(tpot)
+                if completed and status == "200":
+                    self._judge(ctx, ttft, tpot, last - t0)
 

@@ -13,11 +13,13 @@ class RouterMetrics:
         r = self.registry
         self.requests = Counter("pdserve_requests_total", "Requests answered, by path, endpoint and HTTP status",
                                 ["path", "endpoint", "status"], registry=r)
-        self.ttft = Histogram("pdserve_ttft_seconds", "Arrival to first token", ["path"],
-                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("pdserve_ttft_seconds", "Arrival to first token (streamed requests)",
+                              ["path", "class"], buckets=_LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("pdserve_tpot_seconds", "Mean time per output token after the first, per request",
-                              ["path"], buckets=_TPOT_BUCKETS, registry=r)
-        self.e2e = Histogram("pdserve_e2e_seconds", "Arrival to last token", ["path"],
+                              ["path", "class"], buckets=_TPOT_BUCKETS, registry=r)
+        self.itl = Histogram("pdserve_itl_seconds", "Gaps between output-token chunks as the router sent them",
+                             ["path", "class"], buckets=_TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("pdserve_e2e_seconds", "Arrival to last token", ["path", "class"],
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.prefill_leg = Histogram("pdserve_prefill_leg_seconds", "Router-measured prefill leg (P/D only)",
                                      buckets=_LATENCY_BUCKETS, registry=r)
@@ -34,13 +36,47 @@ class RouterMetrics:
         self.kv_transfer_failures = Counter("pdserve_kv_transfer_failures_total",
                                             "KV transfers that decode reported failed, by transport and kind",
                                             ["transport", "kind"], registry=r)
+        self.kv_transfer_seconds = Histogram(
+            "pdserve_kv_transfer_seconds", "Per-request KV pull time as the decode engine timed it (transports "
+            "that name their transfers: gRPC)", ["transport"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.kv_transfer_bytes = Counter("pdserve_kv_transfer_bytes", "KV bytes the decode pool pulled",
+                                         ["transport"], registry=r)
+        self.kv_transfer_busy = Counter("pdserve_kv_transfer_busy_seconds",
+                                        "Summed KV transfer time the decode pool reported (all transports)",
+                                        ["transport"], registry=r)
+        self.kv_transfers = Counter("pdserve_kv_transfers", "KV transfers the decode pool completed",
+                                    ["transport"], registry=r)
+        self.autoscaler_target = Gauge("pdserve_autoscaler_target_replicas",
+                                       "Replicas Ray Serve is keeping for each pool (starting or running), "
+                                       "as its autoscaler set them", ["pool"], registry=r)
         self.stream_resumes = Counter("pdserve_stream_resumes_total",
                                       "Streams whose engine died mid-stream: resumed elsewhere, or ended with an "
                                       "error event once resumes ran out", ["outcome"], registry=r)
+        self.admissions = Counter("pdserve_admission_total",
+                                  "Admission decisions by class, decision (admitted / rejected) and reason",
+                                  ["class", "decision", "reason"], registry=r)
+        self.queue_wait = Histogram("pdserve_queue_wait_seconds", "Time admitted requests waited for a slot",
+                                    ["class"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.rung = Gauge("pdserve_degradation_rung",
+                          "Degradation ladder rung: 0 normal, 1 stop sheddable, 2 cap standard, "
+                          "3 degrade standard, 4 critical only", registry=r)
+        self.tenant_tokens = Counter("pdserve_tenant_tokens_total", "Tokens served per tenant (input, output)",
+                                     ["tenant", "kind"], registry=r)
+        self.slo_requests = Counter("pdserve_slo_requests_total",
+                                    "Served requests judged against their class SLOs (met: true / false)",
+                                    ["class", "met"], registry=r)
+        self.goodput_requests = Counter("pdserve_goodput_requests_total",
+                                        "Requests that met every SLO of their class", ["class"], registry=r)
+        self.goodput_rps = Gauge("pdserve_goodput_rps",
+                                 "Requests per second that met every SLO, over the sliding window "
+                                 "slo.goodput_window_s", ["class"], registry=r)
         self.inflight = Gauge("pdserve_inflight_requests", "Requests in the router now", registry=r)
         self.replica_kv = Gauge("pdserve_replica_kv_cache_usage", "KV-cache usage per replica",
                                 ["pool", "replica"], registry=r)
         self.replica_running = Gauge("pdserve_replica_running", "Running requests per replica",
                                      ["pool", "replica"], registry=r)
+        self.replica_preemptions = Gauge("pdserve_replica_preemptions_total",
+                                         "Requests the engine preempted since it started, per replica",
+                                         ["pool", "replica"], registry=r)
         self.replica_waiting = Gauge("pdserve_replica_waiting", "Waiting requests per replica",
                                      ["pool", "replica"], registry=r)

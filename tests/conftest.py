@@ -4,7 +4,8 @@ It is one local Ray cluster with three Ray Serve applications built from the shi
 configs, each router on its own port: the P/D app from configs/cpu-pd.yaml (NIXL), the P/D
 app from configs/cpu-pd-grpc.yaml (our gRPC KV stream, with a short lease and deadline so
 the failure tests run quickly), and a one-replica monolithic app (configs/cpu-monolithic.yaml,
-shrunk to one engine). All load the built-in tiny model with the same seeded dummy weights,
+shrunk to one engine), and the P/D app from configs/cpu-pd-tenants.yaml (auth, admission and
+the degradation ladder on; one extra test-only tenant that may not use the served model). All load the built-in tiny model with the same seeded dummy weights,
 so greedy outputs must agree.
 """
 from __future__ import annotations
@@ -34,6 +35,8 @@ class Clusters:
     mono_base: str = ""
     grpc_base: str = ""
     grpc_cfg: object = None
+    tenants_base: str = ""
+    tenants_cfg: object = None
 
     @property
     def pd_url(self) -> str:
@@ -73,20 +76,38 @@ def clusters():
             "grpc": kv.grpc.model_copy(update={"deadline_s": 3.0}),
         }),
     })
+    tenants_cfg = tenants_config(load_config(CONFIGS / "cpu-pd-tenants.yaml"), _free_port())
     # Ray counts logical CPUs; the apps share the two cores by design (tests run one at a time).
-    runtime.start_ray(num_cpus=5)
+    runtime.start_ray(num_cpus=7)
     runtime.start_serve()
     runtime.deploy(pd_cfg, app_name="pd")
     runtime.deploy(mono_cfg, app_name="mono")
     runtime.deploy(grpc_cfg, app_name="pdgrpc")
+    runtime.deploy(tenants_cfg, app_name="tenants")
     base, mono_base = f"http://127.0.0.1:{pd_port}", f"http://127.0.0.1:{mono_port}"
     grpc_base = f"http://127.0.0.1:{grpc_port}"
+    tenants_base = f"http://127.0.0.1:{tenants_cfg.router.port}"
     try:
-        for url in (base, mono_base, grpc_base):
+        for url in (base, mono_base, grpc_base, tenants_base):
             runtime.wait_ready(url, timeout_s=900)
-        yield Clusters(base, pd_cfg, mono_cfg, mono_base, grpc_base, grpc_cfg)
+        yield Clusters(base, pd_cfg, mono_cfg, mono_base, grpc_base, grpc_cfg, tenants_base, tenants_cfg)
     finally:
         runtime.stop_cluster()
+
+
+RESTRICTED_KEY = "test-restricted-key"
+
+
+def tenants_config(cfg, port: int):
+    """The shipped tenants config on its own port, plus a tenant that may not use the served model."""
+    from pdserve.admission.tenants import hash_key
+    from pdserve.engine.policy_config import TenantSpec
+
+    restricted = TenantSpec(name="restricted", models=["some-other-model"], key_sha256=[hash_key(RESTRICTED_KEY)])
+    return cfg.model_copy(update={
+        "router": cfg.router.model_copy(update={"port": port}),
+        "auth": cfg.auth.model_copy(update={"tenants": [*cfg.auth.tenants, restricted]}),
+    })
 
 
 def pytest_collection_modifyitems(config, items):

@@ -29,7 +29,7 @@ def test_core_sets_parse():
 
 @pytest.mark.parametrize("data,needle", [
     (_pd(decode={"replicas": 1, "cpu_cores": ["0"]}), "core 0 is given to both"),
-    (_pd(decode={"replicas": 2, "cpu_cores": ["1"]}), "2 replicas but 1 core sets"),
+    (_pd(decode={"replicas": 2, "cpu_cores": ["1"]}), "replicas is 2 but there are 1 core sets"),
     (_pd(decode={"replicas": 1}), "needs cpu_cores"),
     ({"mode": "pd", "prefill": {"cpu_cores": ["0"]}}, "needs both"),
     ({"mode": "monolithic"}, "needs a 'monolithic' pool"),

@@ -1,0 +1,84 @@
+"""Little's-Law autoscaling for one engine pool, as a Ray Serve custom autoscaling policy.
+
+Each replica reports its arrival rate λ and time in system W (engine/little_meter.py,
+through ``record_autoscaling_stats``). The policy sums λ over the pool, takes W as the
+arrival-weighted mean, and asks for
+
+    replicas = ceil(λ × W / (c_knee × safety))      (pdserve.planner.littles_law)
+
+within the pool's bounds, with a cooldown after each change (longer for scaling down),
+so prefill and decode scale independently, each on its own signal.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pdserve.planner.littles_law import replicas_needed
+
+logger = logging.getLogger("pdserve.autoscaling")
+
+POLICY_PATH = "pdserve.cluster.autoscaling:LittlesLawPolicy"
+
+
+def pool_signal(per_metric: dict[str, dict[Any, float]] | None) -> tuple[float, float]:
+    """(λ of the pool in req/s, W in s) from the replicas' latest reports."""
+    if not per_metric:
+        return 0.0, 0.0
+    rates = per_metric.get("arrival_rps") or {}
+    waits = per_metric.get("w_s") or {}
+    lam = float(sum(rates.values()))
+    if lam > 0:
+        w = sum(float(rates[r]) * float(waits.get(r, 0.0)) for r in rates) / lam
+    else:
+        w = max((float(v) for v in waits.values()), default=0.0)
+    return lam, w
+
+
+class LittlesLawPolicy:
+    def __init__(self, c_knee: float, safety: float, min_replicas: int, max_replicas: int,
+                 upscale_cooldown_s: float, downscale_cooldown_s: float) -> None:
+        self.c_knee = c_knee
+        self.safety = safety
+        self.min_replicas = min_replicas
+        self.max_replicas = max_replicas
+        self.upscale_cooldown_s = upscale_cooldown_s
+        self.downscale_cooldown_s = downscale_cooldown_s
+
+    def decide(self, lam: float, w: float, current: int, now: float, last_change: float | None) -> int:
+        want = replicas_needed(lam, w, self.c_knee, self.safety, self.min_replicas, self.max_replicas)
+        since = float("inf") if last_change is None else now - last_change
+        if want > current and since >= self.upscale_cooldown_s:
+            return want
+        if want < current and since >= self.downscale_cooldown_s:
+            return want
+        return current
+
+    def __call__(self, ctx) -> tuple[int, dict[str, Any]]:
+        state = dict(ctx.policy_state or {})
+        lam, w = pool_signal(ctx.aggregated_metrics)
+        now = ctx.current_time
+        current = ctx.target_num_replicas
+        target = self.decide(lam, w, current, now, state.get("last_change"))
+        if target != current:
+            state["last_change"] = now
+            logger.info("%s: λ=%.2f req/s W=%.2f s -> %d replicas (was %d)", ctx.deployment_name, lam, w,
+                        target, current)
+        state.update(lam=lam, w=w, target=target)
+        return target, state
+
+
+def autoscaling_config(pool) -> dict[str, Any]:
+    """Ray Serve's autoscaling_config for a pool with an ``autoscaling`` section."""
+    a = pool.autoscaling
+    return {
+        "min_replicas": a.min_replicas,
+        "max_replicas": a.max_replicas,
+        "initial_replicas": pool.replicas,
+        "metrics_interval_s": 1.0,
+        "look_back_period_s": 2.0,
+        "policy": {"policy_function": POLICY_PATH, "policy_kwargs": {
+            "c_knee": a.c_knee, "safety": a.safety, "min_replicas": a.min_replicas,
+            "max_replicas": a.max_replicas, "upscale_cooldown_s": a.upscale_cooldown_s,
+            "downscale_cooldown_s": a.downscale_cooldown_s}},
+    }
