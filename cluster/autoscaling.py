@@ -16,17 +16,33 @@ from typing import Any
 
 from pdserve.planner.littles_law import replicas_needed
 
-logger = logging.getLogger("pdserve.autoscaling")
+# The policy runs inside Ray Serve's controller: its logger is the one that reaches the controller log.
+logger = logging.getLogger("ray.serve")
 
 POLICY_PATH = "pdserve.cluster.autoscaling:LittlesLawPolicy"
+
+
+def latest_values(raw: dict[str, dict[Any, Any]] | None) -> dict[str, dict[Any, float]]:
+    """Each replica's most recent report per metric, from Ray's raw time series.
+
+    The replicas' figures are already windowed (LittleMeter), so the latest point is the
+    signal; Ray's own look-back average would smear it a second time.
+    """
+    out: dict[str, dict[Any, float]] = {}
+    for name, per_replica in (raw or {}).items():
+        for replica, series in per_replica.items():
+            points = list(series or [])
+            if points:
+                out.setdefault(name, {})[replica] = float(getattr(points[-1], "value", points[-1]))
+    return out
 
 
 def pool_signal(per_metric: dict[str, dict[Any, float]] | None) -> tuple[float, float]:
     """(λ of the pool in req/s, W in s) from the replicas' latest reports."""
     if not per_metric:
         return 0.0, 0.0
-    rates = per_metric.get("arrival_rps") or {}
-    waits = per_metric.get("w_s") or {}
+    rates = {r: v for r, v in (per_metric.get("arrival_rps") or {}).items() if v is not None}
+    waits = {r: v for r, v in (per_metric.get("w_s") or {}).items() if v is not None}
     lam = float(sum(rates.values()))
     if lam > 0:
         w = sum(float(rates[r]) * float(waits.get(r, 0.0)) for r in rates) / lam
@@ -56,7 +72,7 @@ class LittlesLawPolicy:
 
     def __call__(self, ctx) -> tuple[int, dict[str, Any]]:
         state = dict(ctx.policy_state or {})
-        lam, w = pool_signal(ctx.aggregated_metrics)
+        lam, w = pool_signal(latest_values(ctx.raw_metrics))
         now = ctx.current_time
         current = ctx.target_num_replicas
         target = self.decide(lam, w, current, now, state.get("last_change"))
@@ -77,6 +93,10 @@ def autoscaling_config(pool) -> dict[str, Any]:
         "initial_replicas": pool.replicas,
         "metrics_interval_s": 1.0,
         "look_back_period_s": 2.0,
+        # Ray holds a custom policy's decisions for these delays too (30 s up, 600 s down by
+        # default); the policy's own cooldowns are the ones that should count.
+        "upscale_delay_s": 0.0,
+        "downscale_delay_s": 0.0,
         "policy": {"policy_function": POLICY_PATH, "policy_kwargs": {
             "c_knee": a.c_knee, "safety": a.safety, "min_replicas": a.min_replicas,
             "max_replicas": a.max_replicas, "upscale_cooldown_s": a.upscale_cooldown_s,

@@ -54,7 +54,7 @@ class Clusters:
 @pytest.fixture(scope="session")
 def clusters():
     from pdserve.cluster import runtime
-    from pdserve.engine.config import load_config
+    from pdserve.engine.config import AutoscalingSpec, load_config
 
     pd_cfg = load_config(CONFIGS / "cpu-pd.yaml")
     mono_cfg = load_config(CONFIGS / "cpu-monolithic.yaml")
@@ -63,7 +63,9 @@ def clusters():
     pd_cfg = pd_cfg.model_copy(update={"router": pd_cfg.router.model_copy(update={"port": pd_port})})
     mono_cfg = mono_cfg.model_copy(update={
         "name": "mono",
-        "monolithic": mono_cfg.monolithic.model_copy(update={"replicas": 1, "cpu_cores": ["0"]}),
+        # One replica, which Little's-Law autoscaling may take to two (the cores bound it).
+        "monolithic": mono_cfg.monolithic.model_copy(update={
+            "replicas": 1, "cpu_cores": ["0", "1"], "autoscaling": AutoscalingSpec(**MONO_AUTOSCALING)}),
         "router": mono_cfg.router.model_copy(update={"port": mono_port}),
     })
     kv = grpc_cfg.kv_transfer
@@ -96,6 +98,9 @@ def clusters():
 
 
 RESTRICTED_KEY = "test-restricted-key"
+# c_knee 1: a handful of concurrent streams is "past the knee" for the autoscaling test.
+MONO_AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "c_knee": 1.0, "safety": 0.75, "window_s": 4.0,
+                    "upscale_cooldown_s": 0.0, "downscale_cooldown_s": 6.0}
 
 
 def tenants_config(cfg, port: int):
