@@ -47,6 +47,9 @@ class StreamTracker:
             if chunk.get("prompt_token_ids"):
                 self.prompt_ids = list(chunk["prompt_token_ids"])
             for choice in chunk.get("choices") or []:
+                # completions chunks carry the prompt ids per choice, chat chunks at the top
+                if self.prompt_ids is None and choice.get("prompt_token_ids"):
+                    self.prompt_ids = list(choice["prompt_token_ids"])
                 self.sent_ids.extend(choice.get("token_ids") or [])
                 if choice.get("finish_reason"):
                     self.finished = True

@@ -49,3 +49,14 @@ def test_error_event_is_openai_shaped_and_ends_the_stream():
     assert json.loads(lines[0][6:])["error"] == {"message": "boom", "type": "ServiceUnavailableError",
                                                   "param": None, "code": 503}
     assert lines[1] == "data: [DONE]"
+
+
+def test_completions_streams_carry_prompt_ids_per_choice():
+    t = StreamTracker("completions")
+    first = {"id": "cmpl-1", "created": 1, "model": "tiny", "object": "text_completion",
+             "choices": [{"index": 0, "text": "a", "prompt_token_ids": [5, 6, 7], "token_ids": [11],
+                          "finish_reason": None}]}
+    t.observe(f"data: {json.dumps(first)}\n\n")
+    assert t.can_resume({"prompt": "x"})
+    body = t.continuation({"prompt": "x", "max_tokens": 4, "temperature": 0}, "tiny")
+    assert body["prompt"] == [5, 6, 7, 11] and body["max_tokens"] == 3
