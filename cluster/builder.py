@@ -5,6 +5,7 @@ decode/ and router/ and know nothing of it.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from ray import serve
@@ -12,7 +13,7 @@ from ray.serve.config import RequestRouterConfig
 
 from pdserve.cluster.autoscaling import autoscaling_config
 from pdserve.decode.deployment import DecodeServer, MonolithicServer
-from pdserve.engine.config import ClusterConfig, PoolSpec
+from pdserve.engine.config import ClusterConfig, PoolSpec, load_config
 from pdserve.prefill.deployment import PrefillServer
 from pdserve.router.app import RouterServer
 from pdserve.router.targeting import TargetedRequestRouter
@@ -50,6 +51,15 @@ def _engine_deployment(cfg: ClusterConfig, name: str, pool: PoolSpec, config_dic
     ).bind(config_dict)
 
 
+def _router_actor_options(cfg: ClusterConfig) -> dict[str, Any]:
+    # No CPU: the router must never wait for cores the engines hold. Its custom resources
+    # (router.ray_resources) pin it to the node whose port, probes and Service expect it.
+    opts: dict[str, Any] = {"num_cpus": 0}
+    if cfg.router.ray_resources:
+        opts["resources"] = dict(cfg.router.ray_resources)
+    return opts
+
+
 def build_app(cfg: ClusterConfig):
     config_dict = cfg.model_dump(mode="json")
     engines = {name: _engine_deployment(cfg, name, pool, config_dict) for name, pool in cfg.pools().items()}
@@ -58,9 +68,48 @@ def build_app(cfg: ClusterConfig):
         name="router",
         num_replicas=1,
         max_ongoing_requests=10_000,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options=_router_actor_options(cfg),
     )
     return router.bind(config_dict, **engines)
+
+
+_BUILDER_ARGS = ("config", "port")
+
+
+def app_builder(args: dict):
+    """Application builder for a Ray Serve config file (serveConfigV2 on KubeRay)::
+
+        applications:
+          - name: pdserve
+            import_path: pdserve.cluster.builder:app_builder
+            route_prefix: null
+            args: {config: /etc/pdserve/gpu-pd.yaml, port: 8000}
+
+    ``config`` (required) is the path of a pdserve config file on the node that builds the
+    application; ``port`` (optional) overrides router.port. Ray Serve calls this with the
+    ``args`` mapping as it is (the parameter is a plain dict, not a pydantic model).
+    """
+    if not isinstance(args, Mapping):
+        raise TypeError(f"pdserve app_builder: args must be a mapping like {{'config': '/path/to/config.yaml'}}, "
+                        f"got {type(args).__name__}")
+    unknown = sorted(set(args) - set(_BUILDER_ARGS))
+    if unknown:
+        raise ValueError(f"pdserve app_builder: unknown args {unknown}; it takes {list(_BUILDER_ARGS)}")
+    if "config" not in args:
+        raise ValueError("pdserve app_builder: args must name the pdserve config file, e.g. "
+                         "args: {config: /etc/pdserve/gpu-pd.yaml}")
+    path = args["config"]
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"pdserve app_builder: args.config must be a file path, got {path!r}")
+    cfg = load_config(path)
+    if args.get("port") is not None:
+        port = args["port"]
+        if isinstance(port, bool) or not isinstance(port, int):
+            raise ValueError(f"pdserve app_builder: port must be an integer, got {port!r}")
+        data = cfg.model_dump()
+        data["router"]["port"] = port
+        cfg = ClusterConfig.model_validate(data)  # range-checked like router.port in the file
+    return build_app(cfg)
 
 
 def cpus_needed(cfg: ClusterConfig) -> int:

@@ -192,6 +192,18 @@ class RouterSpec(_Strict):
     load_poll_interval_s: float = Field(0.25, gt=0)
     # A decode replica is eligible while its KV usage stays below this.
     decode_kv_headroom: float = Field(0.95, gt=0, le=1)
+    # Custom Ray resources the router replica asks for (it asks for no CPU), e.g.
+    # {"router_group": 1} to pin it to the node group whose pods advertise router_group and
+    # carry the router's port, probes and Kubernetes Service. Empty: any node.
+    ray_resources: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("ray_resources")
+    @classmethod
+    def _check_resources(cls, v):
+        bad = {k: q for k, q in v.items() if not q > 0}
+        if bad:
+            raise ValueError(f"router.ray_resources: quantities must be positive, got {bad}")
+        return v
 
 
 class FallbackSpec(_Strict):

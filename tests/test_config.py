@@ -56,3 +56,55 @@ def test_cli_reports_bad_config(tmp_path, capsys):
     bad.write_text("mode: pd\nprefill: {cpu_cores: ['0']}\n")
     assert main(["serve", "--config", str(bad)]) == 2
     assert "needs both" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,needle", [
+    ({}, "args must name the pdserve config file"),
+    ({"port": 9000}, "args must name the pdserve config file"),
+    ({"config": ""}, "args.config must be a file path"),
+    ({"config": str(CONFIGS / "cpu-pd.yaml"), "conifg": "typo"}, "unknown args ['conifg']"),
+    ({"config": str(CONFIGS / "cpu-pd.yaml"), "port": "8000"}, "port must be an integer"),
+])
+def test_app_builder_refuses_bad_args(args, needle):
+    from pdserve.cluster.builder import app_builder
+
+    with pytest.raises(ValueError) as e:
+        app_builder(args)
+    assert needle in str(e.value)
+
+
+def test_app_builder_reports_a_missing_config_file(tmp_path):
+    from pdserve.cluster.builder import app_builder
+
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        app_builder({"config": str(tmp_path / "nope.yaml")})
+
+
+def test_app_builder_applies_the_port_override():
+    # Binding deployments does not start Ray; this is what Serve's build task runs.
+    from pdserve.cluster.builder import app_builder
+
+    router = app_builder({"config": str(CONFIGS / "cpu-pd.yaml"), "port": 9123})._bound_deployment
+    assert router.init_args[0]["router"]["port"] == 9123
+    assert router.ray_actor_options == {"num_cpus": 0}  # cpu-pd.yaml leaves the router unpinned
+    with pytest.raises(ValidationError, match="router.port"):
+        app_builder({"config": str(CONFIGS / "cpu-pd.yaml"), "port": 70000})
+
+
+@pytest.mark.parametrize("value,needle", [
+    ("router_group", "valid dictionary"),
+    (["router_group"], "valid dictionary"),
+    ({"router_group": "lots"}, "valid number"),
+    ({"router_group": 0}, "quantities must be positive"),
+])
+def test_router_ray_resources_must_be_a_mapping_of_positive_quantities(value, needle):
+    with pytest.raises(ValidationError) as e:
+        ClusterConfig.model_validate(_pd(router={"ray_resources": value}))
+    assert "router.ray_resources" in str(e.value) and needle in str(e.value)
+
+
+def test_router_ray_resources_reach_the_router_replica():
+    from pdserve.cluster.builder import build_app
+
+    cfg = ClusterConfig.model_validate(_pd(router={"ray_resources": {"router_group": 0.001}}))
+    assert build_app(cfg)._bound_deployment.ray_actor_options == {"num_cpus": 0, "resources": {"router_group": 0.001}}

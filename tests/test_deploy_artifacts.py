@@ -8,11 +8,14 @@
 * Core Kubernetes objects and the RayService's pod templates are validated against Kubernetes'
   OpenAPI schemas (``kubernetes-validate``, strict: unknown fields fail). The RayService itself
   is validated against tests/schemas/rayservice-v1.minimal.schema.json, a schema of the fields
-  we use written for this project (no package reachable from here ships KubeRay's CRDs).
+  we use written for this project (no package reachable from here ships KubeRay's CRDs). Its
+  serveConfigV2 is parsed with Ray's own ``ServeDeploySchema``, its import path resolved, and the
+  application built from it the way Serve's build task does (binding deployments starts no Ray).
 * Every metric the dashboard queries must be one the router exports (or is about to).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -240,9 +243,13 @@ def test_rayservice_matches_its_schema():
     bad["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["minReplica"] = 1
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(bad, schema, cls=jsonschema.Draft202012Validator)
+    no_serve_config = json.loads(json.dumps(_rayservice()))
+    del no_serve_config["spec"]["serveConfigV2"]
+    with pytest.raises(jsonschema.ValidationError, match="serveConfigV2"):
+        jsonschema.validate(no_serve_config, schema, cls=jsonschema.Draft202012Validator)
 
 
-@pytest.mark.parametrize("group", ["head", "prefill", "decode"])
+@pytest.mark.parametrize("group", ["head", "router", "prefill", "decode"])
 def test_pod_templates_match_the_kubernetes_schema(group):
     doc = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"pdserve-{group}"},
            "template": _templates()[group]}
@@ -283,7 +290,7 @@ def test_worker_groups_provide_what_the_pools_ask_for():
     cfg = _gpu_config()
     cluster = _rayservice()["spec"]["rayClusterConfig"]
     workers = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
-    assert set(workers) == {"prefill", "decode"}
+    assert set(workers) == {"router", "prefill", "decode"}
     node_groups = set()
     for pool in ("prefill", "decode"):
         g, spec = workers[pool], cfg[pool]
@@ -312,18 +319,62 @@ def test_every_container_gets_the_admin_key_from_a_secret():
     assert _gpu_config()["admin"]["key_env"] == "PDSERVE_ADMIN_KEY"
 
 
+def _router_group_name() -> str:
+    """The group whose pods advertise every custom resource the router replica asks for."""
+    asked = _gpu_config()["router"]["ray_resources"]
+    assert asked, "gpu-pd.yaml must pin the router (router.ray_resources)"
+    cluster = _rayservice()["spec"]["rayClusterConfig"]
+    groups = {"head": cluster["headGroupSpec"], **{g["groupName"]: g for g in cluster["workerGroupSpecs"]}}
+    holders = [name for name, g in groups.items() if set(asked) & set(_ray_resources(g))]
+    assert len(holders) == 1, f"router resources {sorted(asked)} advertised by {holders}: the router must have one home"
+    (name,) = holders
+    g = groups[name]
+    provided = _ray_resources(g)
+    for res, qty in asked.items():
+        assert provided.get(res, 0) >= qty, (name, res)
+    if name != "head":
+        assert g["minReplicas"] >= 1, "the router's group must always have a pod"
+    return name
+
+
+def test_router_is_pinned_where_its_port_probes_and_service_are():
+    home = _router_group_name()
+    assert home == "router"
+    templates = _templates()
+    (c,) = templates[home]["spec"]["containers"]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]}["router"] == _gpu_config()["router"]["port"]
+    (svc,) = _by_kind("Service")
+    selected = [g for g, t in templates.items() if svc["spec"]["selector"].items() <= t["metadata"]["labels"].items()]
+    assert selected == [home]
+    assert templates[home]["metadata"]["annotations"]["prometheus.io/port"] == str(_gpu_config()["router"]["port"])
+
+
 def test_probes_and_drain_hooks():
     cfg = _gpu_config()
     templates = _templates()
-    (head,) = templates["head"]["spec"]["containers"]
-    startup = "\n".join(head["startupProbe"]["exec"]["command"])
+    port = cfg["router"]["port"]
+    (router,) = templates[_router_group_name()]["spec"]["containers"]
+    startup = "\n".join(router["startupProbe"]["exec"]["command"])
     assert "/v1/completions" in startup and '"max_tokens": 1' in startup
     assert f'"model": "{cfg["model"]["served_name"]}"' in startup
-    assert f":{cfg['router']['port']}/" in startup
-    assert head["readinessProbe"]["httpGet"] == {"path": "/health", "port": cfg["router"]["port"]}
-    assert head["livenessProbe"]["httpGet"]["path"] != "/health"  # a lost pool must not restart the head
-    assert "pdserve_inflight_requests" in "\n".join(head["lifecycle"]["preStop"]["exec"]["command"])
-    assert "pdserve serve --config /etc/pdserve/gpu-pd.yaml --address auto" in head["args"][0]
+    assert f":{port}/" in startup
+    assert router["readinessProbe"]["httpGet"] == {"path": "/health", "port": port}
+    assert router["livenessProbe"]["httpGet"]["path"] != "/health"  # a lost pool must not restart the router
+    assert "pdserve_inflight_requests" in "\n".join(router["lifecycle"]["preStop"]["exec"]["command"])
+    wait = 5 + 100  # the drain hook's sleep plus its deadline
+    assert templates["router"]["spec"]["terminationGracePeriodSeconds"] > wait
+    # KubeRay submits serveConfigV2 only once the head Pod is Ready: no head probe may wait for
+    # the application (the router's port), or the head never turns Ready and nothing deploys.
+    (head,) = templates["head"]["spec"]["containers"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        action = head[probe]
+        assert action["httpGet"]["port"] == 8265 and action["httpGet"]["path"] == "/api/gcs_healthz", probe
+    # Every pod runs just Ray, started by KubeRay's generated command.
+    for group, t in templates.items():
+        for c in t["spec"]["containers"]:
+            assert "command" not in c and "args" not in c, group
+        assert "ray.io/overwrite-container-cmd" not in t["metadata"].get("annotations", {}), group
+    assert "pdserve serve" not in RAYSERVICE.read_text()
     for group in ("prefill", "decode"):
         (c,) = templates[group]["spec"]["containers"]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -345,10 +396,61 @@ def test_disruption_budgets_and_service_select_the_pods():
         assert labels["app.kubernetes.io/component"] == group
     (svc,) = _by_kind("Service")
     selected = [g for g, t in templates.items() if svc["spec"]["selector"].items() <= t["metadata"]["labels"].items()]
-    assert selected == ["head"]
+    assert selected == ["router"]
     (port,) = svc["spec"]["ports"]
-    (head,) = templates["head"]["spec"]["containers"]
-    assert {p["name"]: p["containerPort"] for p in head["ports"]}[port["targetPort"]] == _gpu_config()["router"]["port"]
+    (router,) = templates["router"]["spec"]["containers"]
+    assert {p["name"]: p["containerPort"] for p in router["ports"]}[port["targetPort"]] == _gpu_config()["router"]["port"]
+
+
+def _serve_config() -> dict:
+    return yaml.safe_load(_rayservice()["spec"]["serveConfigV2"])
+
+
+def test_serve_config_parses_with_rays_own_schema():
+    from ray._common.utils import import_attr
+    from ray.serve.config import ProxyLocation
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(_serve_config())
+    # The router serves HTTP itself; a Serve proxy would only fight it for router.port.
+    assert schema.proxy_location == ProxyLocation.Disabled
+    (app,) = schema.applications
+    assert app.route_prefix is None
+    builder = import_attr(app.import_path)
+    assert callable(builder)
+    # Ray Serve calls a builder with exactly one parameter, the args mapping.
+    assert len(inspect.signature(builder).parameters) == 1
+    # args.config is the ConfigMap's gpu-pd.yaml, mounted where Serve may build the app: any pod.
+    (cm,) = _by_kind("ConfigMap")
+    mount_dir, key = app.args["config"].rsplit("/", 1)
+    assert key in cm["data"]
+    for group, t in _templates().items():
+        volumes = {v["name"]: v for v in t["spec"]["volumes"]}
+        (c,) = t["spec"]["containers"]
+        mounts = [m for m in c["volumeMounts"] if m["mountPath"] == mount_dir]
+        assert len(mounts) == 1, group
+        assert volumes[mounts[0]["name"]]["configMap"]["name"] == cm["metadata"]["name"], group
+    with pytest.raises(ValueError):
+        ServeDeploySchema.model_validate({**_serve_config(), "proxy_location": "Nowhere"})
+
+
+def test_serve_config_builds_the_app_without_ray(tmp_path):
+    """What Ray Serve's build task does with serveConfigV2, minus deploying: no Ray is started."""
+    import ray
+    from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    (cm,) = _by_kind("ConfigMap")
+    (app,) = _serve_config()["applications"]
+    key = app["args"]["config"].rsplit("/", 1)[1]
+    (tmp_path / key).write_text(cm["data"][key])
+    args = {**app["args"], "config": str(tmp_path / key)}
+    built = call_user_app_builder_with_args_if_necessary(import_attr(app["import_path"]), args)
+    router = built._bound_deployment
+    assert router.name == "router"
+    assert router.ray_actor_options == {"num_cpus": 0, "resources": _gpu_config()["router"]["ray_resources"]}
+    assert set(router.init_kwargs) == {"prefill", "decode"}
+    assert not ray.is_initialized()
 
 
 # --- Grafana dashboard ----------------------------------------------------------------------
