@@ -206,6 +206,15 @@ class RouterSpec(_Strict):
         return v
 
 
+class ABSplitSpec(_Strict):
+    """Online A/B of P/D against monolithic serving on the same cluster (mode pd only)."""
+
+    # Share of sessions served monolithically (whole request on one decode engine).
+    monolithic_fraction: float = Field(0.0, ge=0, le=1)
+    # Sessions are sticky by this header, else the OpenAI 'user' field.
+    session_header: str = "x-session-id"
+
+
 class FallbackSpec(_Strict):
     # Per prefill->decode link: consecutive transfer failures that open its breaker, how
     # long it stays open before a probe, and how many probes run at once when half-open.
@@ -287,6 +296,13 @@ class ClusterConfig(_Strict):
     auth: AuthSpec = Field(default_factory=AuthSpec)
     admission: AdmissionSpec = Field(default_factory=AdmissionSpec)
     ladder: LadderSpec = Field(default_factory=LadderSpec)
+    ab_split: ABSplitSpec = Field(default_factory=ABSplitSpec)
+
+    @model_validator(mode="after")
+    def _check_ab_split(self):
+        if self.ab_split.monolithic_fraction > 0 and self.mode != "pd":
+            raise ValueError("ab_split needs mode 'pd': a monolithic cluster has no P/D arm to compare")
+        return self
 
     @model_validator(mode="after")
     def _check_kv_blocks(self):

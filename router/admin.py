@@ -7,6 +7,8 @@
     GET  /admin/chaos                faults per engine and breaker state per link
     POST /admin/ladder               {"rung": N} forces a degradation rung (game days); {"auto": true} releases it
     GET  /admin/ladder               the rung, whether it is forced, and the KV signal behind it
+    POST /admin/ab                   {"monolithic_fraction": F} sets the online A/B split (P/D clusters)
+    GET  /admin/ab                   the split in force
 
 Faults enter the transfer path inside the engines (the gRPC server and puller, NIXL's
 read path), never the router's own logic, so what the router sees is what a real failure
@@ -170,6 +172,26 @@ def add_admin_routes(app: FastAPI, server: "RouterServer") -> None:
     async def _ladder_state():
         return server.admission.ladder.state()
 
+    async def ab_set(request: Request):
+        async def act(body):
+            if set(body) != {"monolithic_fraction"}:
+                raise ValueError('send {"monolithic_fraction": F} with F in [0, 1]')
+            if server.mode != "pd":
+                raise ValueError("the online A/B split needs a P/D cluster")
+            server.split.set_fraction(body["monolithic_fraction"])
+            logger.warning("admin: A/B split now %s", server.split.state())
+            return server.split.state()
+
+        return await guarded(request, act)
+
+    async def ab_show(request: Request):
+        async def act(body):
+            return server.split.state()
+
+        return await guarded(request, act)
+
+    app.add_api_route("/admin/ab", ab_set, methods=["POST"])
+    app.add_api_route("/admin/ab", ab_show, methods=["GET"])
     app.add_api_route("/admin/ladder", ladder_set, methods=["POST"])
     app.add_api_route("/admin/ladder", ladder_show, methods=["GET"])
     app.add_api_route("/admin/chaos/kill-links", kill_links, methods=["POST"])

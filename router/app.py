@@ -29,6 +29,7 @@ from pdserve.engine.tiny_model import resolve_model
 from pdserve.fallback.breaker import STATE_VALUE, BreakerSettings, LinkBreakers
 from pdserve.fallback.policy import FallbackCause
 from pdserve.kv_transfer.registry import prefill_request_params
+from pdserve.router.ab_split import TrafficSplit
 from pdserve.router.admin import add_admin_routes
 from pdserve.router.goodput import GoodputWindow
 from pdserve.router.metrics import RouterMetrics
@@ -178,6 +179,8 @@ class RouterServer:
         self.kv_bytes_per_token = _model_kv_bytes_per_token(self.cfg, model_path)
         self.admission = AdmissionController(self.cfg.admission, self.cfg.ladder, capacity, self.kv_bytes_per_token)
         self.goodput = GoodputWindow(self.cfg.slo)
+        ab = self.cfg.ab_split
+        self.split = TrafficSplit(ab.monolithic_fraction, ab.session_header, salt=f"pdserve-ab:{self.cfg.name}")
         self._preempt_seen: Optional[tuple[float, int]] = None
         self._kv_seen: dict[str, tuple[int, float, int]] = {}  # decode replica -> (bytes, seconds, count)
         self._last_serve_poll = 0.0
@@ -307,6 +310,7 @@ class RouterServer:
                 "links": [{"prefill": p, "decode": d, "state": st.value}
                           for (p, d), st in self.breakers.states().items()],
                 "ladder": self.admission.ladder.state(),
+                "ab_split": self.split.state(),
                 "admission": {"capacity": self.admission.slots.capacity,
                               "inflight": dict(self.admission.slots.inflight),
                               "queued": self.admission.queue_depth()},
@@ -350,6 +354,11 @@ class RouterServer:
                 pool = self.pools["monolithic"]
                 pick = self.decode_pick.pick(pool.candidates())
                 leg = _Leg(pool, pick.replica_id if pick else None, endpoint, body)
+            elif self._ab_arm(request, checked, headers) == "monolithic":
+                path = "monolithic"  # the A/B's monolithic arm: whole request on one decode engine
+                pool = self.pools["decode"]
+                pick = self.decode_pick.pick(pool.candidates())
+                leg = _Leg(pool, pick.replica_id if pick else None, endpoint, checked.body)
             else:
                 path, leg, early = await self._pd_legs(endpoint, checked, headers, t0)
                 if early is not None:
@@ -361,6 +370,14 @@ class RouterServer:
             if not handed_off:
                 self.metrics.inflight.dec()
                 self._finish(ctx)
+
+    def _ab_arm(self, request: Request, checked: CheckedRequest, headers: dict[str, str]) -> str:
+        if self.split.fraction <= 0:
+            return "pd"
+        arm = self.split.arm(request.headers, checked.body)
+        headers["x-pdserve-arm"] = arm
+        self.metrics.ab_requests.labels(arm).inc()
+        return arm
 
     def _rejected(self, r: Rejection, cls: str, endpoint: str) -> JSONResponse:
         self.metrics.admissions.labels(cls, "rejected", r.reason).inc()

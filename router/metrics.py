@@ -70,6 +70,9 @@ class RouterMetrics:
         self.goodput_rps = Gauge("pdserve_goodput_rps",
                                  "Requests per second that met every SLO, over the sliding window "
                                  "slo.goodput_window_s", ["class"], registry=r)
+        self.ab_requests = Counter("pdserve_ab_requests_total",
+                                   "Requests by online A/B arm (pd / monolithic); their latencies are in the "
+                                   "histograms under path pd+fallback / monolithic", ["arm"], registry=r)
         self.inflight = Gauge("pdserve_inflight_requests", "Requests in the router now", registry=r)
         self.replica_kv = Gauge("pdserve_replica_kv_cache_usage", "KV-cache usage per replica",
                                 ["pool", "replica"], registry=r)

@@ -98,6 +98,7 @@ def clusters():
 
 
 RESTRICTED_KEY = "test-restricted-key"
+STANDARD_E2E_SLO_MS = 1500.0
 # c_knee 1: a handful of concurrent streams is "past the knee" for the autoscaling test.
 MONO_AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "c_knee": 1.0, "safety": 0.75, "window_s": 4.0,
                     "upscale_cooldown_s": 0.0, "downscale_cooldown_s": 6.0}
@@ -106,12 +107,15 @@ MONO_AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "c_knee": 1.0, "safety
 def tenants_config(cfg, port: int):
     """The shipped tenants config on its own port, plus a tenant that may not use the served model."""
     from pdserve.admission.tenants import hash_key
-    from pdserve.engine.policy_config import TenantSpec
+    from pdserve.engine.policy_config import ClassSLO, TenantSpec
 
     restricted = TenantSpec(name="restricted", models=["some-other-model"], key_sha256=[hash_key(RESTRICTED_KEY)])
+    # An end-to-end SLO on Standard that the metrics test controls by request length.
+    classes = dict(cfg.slo.classes, standard=ClassSLO(ttft_ms=2000, tpot_ms=100, e2e_ms=STANDARD_E2E_SLO_MS))
     return cfg.model_copy(update={
         "router": cfg.router.model_copy(update={"port": port}),
         "auth": cfg.auth.model_copy(update={"tenants": [*cfg.auth.tenants, restricted]}),
+        "slo": cfg.slo.model_copy(update={"classes": classes}),
     })
 
 
