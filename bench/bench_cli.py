@@ -130,6 +130,10 @@ def add_load_args(p: argparse.ArgumentParser, sweep_only: bool = False) -> None:
                    default=list(DEFAULT_PERCENTILES), help="e.g. 50,90,95,99")
     g.add_argument("--num-warmups", type=int, default=0, help="unmeasured requests sent before each run")
     g.add_argument("--api-key", default=None, help="bearer key for requests without a tenant")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer (path or Hugging Face name) for prompts of exact token lengths; default: "
+                        "the served model's, when /v1/models names one this machine can load, else "
+                        "approximate lengths (one word ~ one token)")
     g.add_argument("--timeout-s", type=_positive(float), default=600.0, help="per-request timeout")
     g.add_argument("--disable-tqdm", action="store_true")
 
@@ -177,7 +181,7 @@ def sweep(base_url: str, args: argparse.Namespace, rates: list[float], model: Op
     if model is None:
         raise ServerUnreachable(f"{base_url}/v1/models lists no model; give --model")
     spec = workload_from_args(args)
-    requests = generate(spec)
+    requests = generate(spec, load_tokenizer(getattr(args, "tokenizer", None), base_url, args.api_key))
     slos = slos_ms if slos_ms is not None else parse_goodput(args.goodput or [])
     warmups = generate(WorkloadSpec(kind="fixed", num_prompts=args.num_warmups, seed=spec.seed + 7919,
                                     input_len=64, output_len=8)) if args.num_warmups else []
@@ -193,6 +197,34 @@ def sweep(base_url: str, args: argparse.Namespace, rates: list[float], model: Op
     return {"base_url": base_url, "model_id": model, "endpoint": args.endpoint, "workload": spec.describe(),
             "num_prompts": spec.num_prompts, "seed": spec.seed, "goodput_slos_ms": slos,
             "percentiles": list(args.percentiles), "runs": runs}
+
+
+def load_tokenizer(name: Optional[str], base_url: str, api_key: Optional[str]):
+    """The tokenizer to size prompts with, or None (approximate lengths)."""
+    import json
+    import urllib.request
+
+    if name is None:
+        try:
+            req = urllib.request.Request(base_url + "/v1/models",
+                                         headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+            with urllib.request.urlopen(req, timeout=10) as r:
+                name = (json.load(r).get("data") or [{}])[0].get("root")
+        except Exception:  # noqa: BLE001 - no tokenizer: approximate lengths
+            return None
+    if not name:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        if name.startswith("builtin:"):
+            from pdserve.engine.tiny_model import resolve_model
+
+            name = resolve_model(name)
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as e:  # noqa: BLE001
+        print(f"pdserve bench: cannot load tokenizer {name!r} ({e}); prompt lengths are approximate")
+        return None
 
 
 def print_run(r: dict[str, Any], percentiles: list[float]) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterable, Optional
 
+import aiohttp
 import httpx
 import numpy as np
 
@@ -67,24 +68,27 @@ def _auth(api_key: Optional[str]) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-async def send_request(client: httpx.AsyncClient, base_url: str, endpoint: str, model: str, req: SampleRequest,
+async def send_request(client: aiohttp.ClientSession, base_url: str, endpoint: str, model: str, req: SampleRequest,
                        api_key: Optional[str], t_origin: float) -> RequestOutput:
     out = RequestOutput(prompt_len=req.prompt_len, tenant=req.tenant)
     st = time.perf_counter()
     out.start_time = st - t_origin
     last = st
-    chunks = 0
+    chunks = text_chunks = 0
     usage_tokens: Optional[int] = None
     try:
-        async with client.stream("POST", base_url + ENDPOINTS[endpoint], json=request_body(endpoint, model, req),
-                                 headers=_auth(req.api_key or api_key)) as r:
-            out.status = r.status_code
+        # aiohttp, as vLLM's bench serve uses: httpx's streaming costs a few ms of client CPU per
+        # request, which on a small machine showed up as TTFT.
+        async with client.post(base_url + ENDPOINTS[endpoint], json=request_body(endpoint, model, req),
+                               headers=_auth(req.api_key or api_key)) as r:
+            out.status = r.status
             out.path = r.headers.get("x-pdserve-path")
             out.fallback_cause = r.headers.get("x-pdserve-fallback-cause")
-            if r.status_code != 200:
-                out.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:300]}"
+            if r.status != 200:
+                out.error = f"HTTP {r.status}: {(await r.read()).decode(errors='replace')[:300]}"
                 return out
-            async for line in r.aiter_lines():
+            async for raw in r.content:
+                line = raw.decode("utf-8", errors="replace").strip()
                 if not line.startswith("data:"):
                     continue  # blank separators and ": ping" comments
                 data = line[5:].strip()
@@ -103,24 +107,25 @@ async def send_request(client: httpx.AsyncClient, base_url: str, endpoint: str, 
                 choices = chunk.get("choices")
                 if not choices:
                     continue
+                # As vLLM's bench serve counts: every chunk with choices is a token event (vLLM
+                # sends a chat stream's role chunk with the first token), so TTFT and ITL agree
+                # with it; a token that decodes to no text yet (part of a UTF-8 character) still
+                # arrived.
+                if chunks == 0:
+                    out.ttft = now - st
+                else:
+                    out.itl.append(now - last)
+                chunks += 1
+                last = now
                 c = choices[0]
-                text = c.get("delta", {}).get("content") if endpoint == "chat" else c.get("text")
-                # TTFT is the first chunk with text: a chat stream's role-only opening chunk
-                # may leave before any token exists.
-                if text:
-                    if chunks == 0:
-                        out.ttft = now - st
-                    else:
-                        out.itl.append(now - last)
-                    chunks += 1
-                    last = now
-                elif chunks:
-                    last = now  # the finish chunk ends the request, as in vLLM's latency
+                if (c.get("delta", {}).get("content") if endpoint == "chat" else c.get("text")):
+                    text_chunks += 1
         if chunks == 0:
             out.error = "the stream ended before any token"
             return out
         out.latency = last - st
-        out.output_tokens = usage_tokens if usage_tokens else chunks
+        # without a usage chunk, count the chunks that carried text (not the role or finish chunk)
+        out.output_tokens = usage_tokens if usage_tokens else text_chunks
         out.success = True
     except Exception as e:  # recorded, not raised: a benchmark counts failures
         out.error = f"{type(e).__name__}: {e}"[:300]
@@ -150,7 +155,6 @@ async def _run_load(base_url: str, endpoint: str, model: str, requests: list[Sam
 
     offsets = arrival_offsets(len(requests), load.request_rate, load.burstiness, seed)
     sem = asyncio.Semaphore(load.max_concurrency) if load.max_concurrency else None
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     bar = tqdm(total=len(requests), desc=progress, disable=progress is None, unit="req", leave=False)
 
     async def one(req: SampleRequest) -> RequestOutput:
@@ -162,7 +166,9 @@ async def _run_load(base_url: str, endpoint: str, model: str, requests: list[Sam
         bar.update(1)
         return res
 
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10.0), limits=limits) as client:
+    timeout = aiohttp.ClientTimeout(total=timeout_s, connect=10.0)
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector, read_bufsize=1 << 20) as client:
         t0 = time.perf_counter()
         tasks = []
         for req, at in zip(requests, offsets):

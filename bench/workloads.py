@@ -42,7 +42,7 @@ class Tenant:
 @dataclass(frozen=True)
 class SampleRequest:
     prompt: str
-    prompt_len: int  # target length in tokens (approximate: one word ~ one token)
+    prompt_len: int  # target length in tokens (exact with a tokenizer; else one word ~ one token)
     output_len: int  # max_tokens, with ignore_eos so the server generates exactly this many
     tenant: Optional[str] = None
     api_key: Optional[str] = None
@@ -87,8 +87,21 @@ class WorkloadSpec:
         return f"{s}; {self.num_prompts} requests, seed {self.seed}"
 
 
-def make_text(n_tokens: int, rng: random.Random) -> str:
-    return " ".join(rng.choices(VOCAB, k=max(1, n_tokens)))
+def make_text(n_tokens: int, rng: random.Random, tokenizer=None) -> str:
+    """Text of about ``n_tokens`` tokens; exactly that many when the server's tokenizer is given
+    (words are drawn, encoded, and the ids cut to length and decoded, as vLLM's random dataset
+    does with token ids)."""
+    n = max(1, n_tokens)
+    if tokenizer is None:
+        return " ".join(rng.choices(VOCAB, k=n))
+    ids: list[int] = []
+    while len(ids) < n:
+        ids = tokenizer.encode(" ".join(rng.choices(VOCAB, k=n + 8)), add_special_tokens=False)
+    text = tokenizer.decode(ids[:n])
+    # a cut through a multi-byte piece can re-encode one token longer or shorter; trim to fit
+    while len(tokenizer.encode(text, add_special_tokens=False)) > n and " " in text:
+        text = text.rsplit(" ", 1)[0]
+    return text
 
 
 def lognormal_lengths(n: int, mean: float, sigma: float, lo: int, hi: int, rng: np.random.Generator) -> list[int]:
@@ -104,7 +117,7 @@ def pick_tenants(n: int, tenants: tuple[Tenant, ...], rng: random.Random) -> lis
     return rng.choices(tenants, weights=[t.weight for t in tenants], k=n)
 
 
-def generate(spec: WorkloadSpec) -> list[SampleRequest]:
+def generate(spec: WorkloadSpec, tokenizer=None) -> list[SampleRequest]:
     if spec.kind not in KINDS:
         raise ValueError(f"unknown workload {spec.kind!r}; choose from {', '.join(KINDS)}")
     n = spec.num_prompts
@@ -113,18 +126,18 @@ def generate(spec: WorkloadSpec) -> list[SampleRequest]:
     prefix_ids: list[Optional[int]] = [None] * n
     if spec.kind == "fixed":
         ins, outs = [spec.input_len] * n, [spec.output_len] * n
-        prompts = [make_text(spec.input_len, rng) for _ in range(n)]
+        prompts = [make_text(spec.input_len, rng, tokenizer) for _ in range(n)]
     elif spec.kind == "shared-prefix":
-        prefixes = [make_text(spec.prefix_len, rng) for _ in range(spec.num_prefixes)]
+        prefixes = [make_text(spec.prefix_len, rng, tokenizer) for _ in range(spec.num_prefixes)]
         prefix_ids = [rng.randrange(spec.num_prefixes) for _ in range(n)]
-        prompts = [f"{prefixes[p]} {make_text(spec.suffix_len, rng)}" for p in prefix_ids]
+        prompts = [f"{prefixes[p]} {make_text(spec.suffix_len, rng, tokenizer)}" for p in prefix_ids]
         ins, outs = [spec.prefix_len + spec.suffix_len] * n, [spec.output_len] * n
     else:
         ins = lognormal_lengths(n, spec.input_len_mean, spec.input_len_sigma, spec.input_len_min,
                                 spec.input_len_max, nrng)
         outs = lognormal_lengths(n, spec.output_len_mean, spec.output_len_sigma, spec.output_len_min,
                                  spec.output_len_max, nrng)
-        prompts = [make_text(k, rng) for k in ins]
+        prompts = [make_text(k, rng, tokenizer) for k in ins]
     tenants = pick_tenants(n, spec.tenants, rng)
     return [SampleRequest(prompt=p, prompt_len=i, output_len=o, tenant=t.name if t else None,
                           api_key=t.api_key if t else None, prefix_id=pid)

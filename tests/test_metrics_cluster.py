@@ -60,7 +60,7 @@ def test_histograms_count_the_requests_and_goodput_separates_met_from_missed(clu
     assert delta('pdserve_requests_total{endpoint="chat",path="pd",status="200"}') == 8
     for hist in ("pdserve_ttft_seconds", "pdserve_e2e_seconds", "pdserve_tpot_seconds"):
         assert delta(f"{hist}_count{{{cls}}}") == 8, hist
-        assert delta(f'{hist}_bucket{{{cls},le="+Inf"}}') == 8, hist
+        assert delta(f'{hist}_bucket{{class="standard",le="+Inf",path="pd"}}') == 8, hist
     for stage in ("queue", "prefill", "kv_transfer", "decode_first_token"):
         assert delta(f'pdserve_ttft_breakdown_seconds_count{{stage="{stage}"}}') == 8, stage
     assert delta('pdserve_slo_requests_total{class="standard",met="true"}') == 6
