@@ -118,7 +118,7 @@ def test_mono_pool_scales_up_under_load_and_back_down(clusters):
 
     async def scenario():
         stop = asyncio.Event()
-        load = asyncio.create_task(_drive(url, stop, concurrency=4))
+        load = asyncio.create_task(_drive(url, stop, concurrency=6))
         deadline = time.time() + 60
         while time.time() < deadline and _mono_replicas() < 2:
             seen.append(_mono_replicas())
@@ -128,8 +128,8 @@ def test_mono_pool_scales_up_under_load_and_back_down(clusters):
         return await load
 
     served = asyncio.run(scenario())
-    # L = λW ≈ 4 streams in flight, usable per replica c_knee x safety = 0.75 -> more than one
-    # replica, clamped to the two core sets: the pool scales up...
+    # L = λW ≈ 6 streams in flight, usable per replica c_knee x safety = 2.25 -> three replicas,
+    # clamped to the two core sets: the pool scales up...
     assert seen[-1] == 2, seen
     text = httpx.get(url + "/metrics").text
     # ...and once the load stops (λ -> 0 after the meter's window, then the downscale cooldown),

@@ -30,7 +30,7 @@ VLLM_CLIENT = textwrap.dedent("""
 """)
 
 
-ROUNDS = 5
+ROUNDS = 7
 
 
 def test_pdserve_bench_agrees_with_vllm_bench_serve(clusters, tmp_path):
