@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from pdserve.admission.rejection import Rejection
 from pdserve.engine.policy_config import AdmissionSpec
+from pdserve.planner.model_math import shape_from_config
 
 
 @dataclass(frozen=True)
@@ -36,13 +37,9 @@ class FleetState:
 
 
 def kv_bytes_per_token(hf_config: dict, dtype: str) -> int:
-    """2 x layers x KV heads x head_dim x bytes per element (the playbook's formula)."""
-    heads = hf_config["num_attention_heads"]
-    head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // heads
-    kv_heads = hf_config.get("num_key_value_heads") or heads
-    size = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "half": 2, "bfloat16": 2, "bf16": 2,
-            "fp8": 1, "float8": 1}.get(str(dtype).replace("torch.", ""), 2)
-    return 2 * hf_config["num_hidden_layers"] * kv_heads * head_dim * size
+    """2 x layers x KV heads x head_dim x bytes per element (the playbook's formula; MLA models
+    by their compressed KV), as the capacity planner computes it."""
+    return shape_from_config(hf_config, dtype=dtype).kv_bytes_per_token
 
 
 def kv_fits(spec: AdmissionSpec, priority_class: str, predicted_kv_bytes: float, fleet: FleetState) -> bool:

@@ -20,7 +20,8 @@ from pdserve.engine.config import ClusterConfig
 from pdserve.engine.policy_config import AdmissionSpec, AuthSpec, BudgetSpec, LadderSpec, TenantSpec
 
 GiB = 2 ** 30
-LLAMA3_70B = {"num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "hidden_size": 8192}
+LLAMA3_70B = {"num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "hidden_size": 8192,
+              "vocab_size": 128256}
 
 
 class Clock:
