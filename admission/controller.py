@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 from pdserve.admission.budgets import TenantBudgets
@@ -95,8 +95,6 @@ class AdmissionController:
 
     def _current_fleet(self) -> FleetState:
         """The last fleet report with this router's committed KV as of now."""
-        from dataclasses import replace
-
         return replace(self.fleet, committed_kv_bytes=self.committed_tokens * self.kv_bytes_per_token)
 
     def queue_depth(self, priority_class: Optional[str] = None) -> int:

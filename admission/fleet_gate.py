@@ -31,10 +31,6 @@ class FleetState:
             return self.kv_usage
         return max(self.kv_usage, self.committed_kv_bytes / self.kv_capacity_bytes)
 
-    @property
-    def free_kv_bytes(self) -> float:
-        return max(0.0, self.kv_capacity_bytes * (1.0 - self.pressure))
-
 
 def kv_bytes_per_token(hf_config: dict, dtype: str) -> int:
     """2 x layers x KV heads x head_dim x bytes per element (the playbook's formula; MLA models

@@ -93,15 +93,6 @@ def stub_cluster_config(mode: str = "monolithic", *, port: int = 8471, host: str
     return ClusterConfig.model_validate(data)
 
 
-def _router_deployment_options(cfg) -> dict[str, Any]:
-    """The router deployment's options as cluster/builder.py build_app sets them."""
-    actor: dict[str, Any] = {"num_cpus": 0}
-    resources = getattr(cfg.router, "ray_resources", None)
-    if resources:
-        actor["resources"] = dict(resources)
-    return {"name": "router", "num_replicas": 1, "max_ongoing_requests": 10_000, "ray_actor_options": actor}
-
-
 def build_stub_app(cfg, settings: StubSettings = StubSettings()):
     """The router app (RouterServer, unchanged) bound to InstantStubEngine pools."""
     from ray import serve
@@ -124,7 +115,9 @@ def build_stub_app(cfg, settings: StubSettings = StubSettings()):
             health_check_timeout_s=30,
             graceful_shutdown_timeout_s=5,
         ).bind(name, settings.to_dict())
-    return serve.deployment(RouterServer, **_router_deployment_options(cfg)).bind(config_dict, **engines)
+    from pdserve.cluster.builder import router_deployment_options
+
+    return serve.deployment(RouterServer, **router_deployment_options(cfg)).bind(config_dict, **engines)
 
 
 def _getpid(_actor) -> int:

@@ -51,26 +51,20 @@ def _engine_deployment(cfg: ClusterConfig, name: str, pool: PoolSpec, config_dic
     ).bind(config_dict)
 
 
-def _router_actor_options(cfg: ClusterConfig) -> dict[str, Any]:
+def router_deployment_options(cfg: ClusterConfig) -> dict[str, Any]:
+    """The router deployment's options (also used by the router-capacity benchmark)."""
     # No CPU: the router must never wait for cores the engines hold. Its custom resources
     # (router.ray_resources) pin it to the node whose port, probes and Service expect it.
-    opts: dict[str, Any] = {"num_cpus": 0}
+    actor: dict[str, Any] = {"num_cpus": 0}
     if cfg.router.ray_resources:
-        opts["resources"] = dict(cfg.router.ray_resources)
-    return opts
+        actor["resources"] = dict(cfg.router.ray_resources)
+    return {"name": "router", "num_replicas": 1, "max_ongoing_requests": 10_000, "ray_actor_options": actor}
 
 
 def build_app(cfg: ClusterConfig):
     config_dict = cfg.model_dump(mode="json")
     engines = {name: _engine_deployment(cfg, name, pool, config_dict) for name, pool in cfg.pools().items()}
-    router = serve.deployment(
-        RouterServer,
-        name="router",
-        num_replicas=1,
-        max_ongoing_requests=10_000,
-        ray_actor_options=_router_actor_options(cfg),
-    )
-    return router.bind(config_dict, **engines)
+    return serve.deployment(RouterServer, **router_deployment_options(cfg)).bind(config_dict, **engines)
 
 
 _BUILDER_ARGS = ("config", "port")

@@ -271,8 +271,6 @@ class RouterServer:
             waiting_per_replica=sum(int(st.load.get("waiting", 0)) for st in live) / n if n else 0.0,
             healthy_replicas=n)
         self.metrics.rung.set(self.admission.observe_fleet(fleet, rate))
-        for cls, rps in self.goodput.rates(time.monotonic()).items():
-            self.metrics.goodput_rps.labels(cls).set(rps)
 
     async def _poll_forever(self) -> None:
         while True:
@@ -345,20 +343,12 @@ class RouterServer:
         handed_off = False
         try:
             if ticket.degraded_target == "prefill":
-                path = "monolithic"
-                pool = self.pools["prefill"]
-                pick = self.prefill_pick.pick(pool.candidates())
-                leg = _Leg(pool, pick.replica_id if pick else None, endpoint, checked.body)
+                path, leg = "monolithic", self._whole_request_leg("prefill", endpoint, checked.body)
             elif self.mode == "monolithic":
-                path = "monolithic"
-                pool = self.pools["monolithic"]
-                pick = self.decode_pick.pick(pool.candidates())
-                leg = _Leg(pool, pick.replica_id if pick else None, endpoint, body)
+                path, leg = "monolithic", self._whole_request_leg("monolithic", endpoint, checked.body)
             elif self._ab_arm(request, checked, headers) == "monolithic":
-                path = "monolithic"  # the A/B's monolithic arm: whole request on one decode engine
-                pool = self.pools["decode"]
-                pick = self.decode_pick.pick(pool.candidates())
-                leg = _Leg(pool, pick.replica_id if pick else None, endpoint, checked.body)
+                # the A/B's monolithic arm: the whole request on one decode engine
+                path, leg = "monolithic", self._whole_request_leg("decode", endpoint, checked.body)
             else:
                 path, leg, early = await self._pd_legs(endpoint, checked, headers, t0)
                 if early is not None:
@@ -370,6 +360,13 @@ class RouterServer:
             if not handed_off:
                 self.metrics.inflight.dec()
                 self._finish(ctx)
+
+    def _whole_request_leg(self, pool_name: str, endpoint: str, body: dict[str, Any]) -> "_Leg":
+        """One engine of ``pool_name`` serves the request whole (prefill and decode)."""
+        pool = self.pools[pool_name]
+        picker = self.prefill_pick if pool_name == "prefill" else self.decode_pick
+        pick = picker.pick(pool.candidates())
+        return _Leg(pool, pick.replica_id if pick else None, endpoint, body)
 
     def _ab_arm(self, request: Request, checked: CheckedRequest, headers: dict[str, str]) -> str:
         if self.split.fraction <= 0:

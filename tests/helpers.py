@@ -30,6 +30,18 @@ def status(url: str) -> dict[str, Any]:
         return r.json()
 
 
+def metric_samples(url: str) -> dict[str, float]:
+    """The router's /metrics as {'name{labels}': value}, labels as the exposition writes them."""
+    with httpx.Client(timeout=TIMEOUT) as c:
+        text = c.get(url + "/metrics").text
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
 def pool_totals(url: str, pool: str, key: str) -> float:
     return sum(r[key] or 0 for r in status(url)["pools"][pool])
 

@@ -6,7 +6,7 @@ import pytest
 
 from pdserve.engine.config import DEV_ADMIN_KEY, ClusterConfig
 from pdserve.router.ab_split import TrafficSplit
-from tests.helpers import chat_body, post
+from tests.helpers import chat_body, metric_samples, post
 
 
 def test_fraction_and_stickiness():
@@ -38,13 +38,6 @@ def test_bad_fractions():
                                       "ab_split": {"monolithic_fraction": 0.2}})
 
 
-def _counter(text: str, name: str, labels: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{{labels}}} "):
-            return float(line.split()[-1])
-    return 0.0
-
-
 @pytest.mark.cluster
 def test_live_split_is_sticky_with_separate_metrics(clusters):
     url = clusters.tenants_base
@@ -55,7 +48,7 @@ def test_live_split_is_sticky_with_separate_metrics(clusters):
     bad = post(url, "/admin/ab", {"monolithic_fraction": 3}, headers=admin)
     assert bad.status_code == 400
     expected = TrafficSplit(0.3, "x-session-id", salt=f"pdserve-ab:{clusters.tenants_cfg.name}")
-    before = httpx.get(url + "/metrics").text
+    before = metric_samples(url)
     seen: dict[str, set[str]] = {}
     outputs: dict[str, set[str]] = {"pd": set(), "monolithic": set()}
     try:
@@ -77,14 +70,14 @@ def test_live_split_is_sticky_with_separate_metrics(clusters):
     assert abs(share - 0.3) < 0.15, share
     # both arms give the same greedy answer: the split changes where the KV is computed, not the output
     assert len(outputs["pd"]) == len(outputs["monolithic"]) == 1 and outputs["pd"] == outputs["monolithic"]
-    after = httpx.get(url + "/metrics").text
+    after = metric_samples(url)
     n_mono = sum(2 for a in seen.values() if "monolithic" in a)
     n_pd = len(seen) * 2 - n_mono
     for arm, n in (("monolithic", n_mono), ("pd", n_pd)):
-        assert _counter(after, "pdserve_ab_requests_total", f'arm="{arm}"') - \
-            _counter(before, "pdserve_ab_requests_total", f'arm="{arm}"') == n
-    got_mono = (_counter(after, "pdserve_ttft_seconds_count", 'class="critical",path="monolithic"')
-                - _counter(before, "pdserve_ttft_seconds_count", 'class="critical",path="monolithic"'))
+        key = f'pdserve_ab_requests_total{{arm="{arm}"}}'
+        assert after.get(key, 0.0) - before.get(key, 0.0) == n
+    key = 'pdserve_ttft_seconds_count{class="critical",path="monolithic"}'
+    got_mono = after.get(key, 0.0) - before.get(key, 0.0)
     assert got_mono == n_mono
 
 

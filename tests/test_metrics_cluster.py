@@ -10,20 +10,11 @@ import pytest
 
 from pdserve.engine.config import DEV_ADMIN_KEY
 from tests.conftest import STANDARD_E2E_SLO_MS
-from tests.helpers import TIMEOUT, chat_body, post
+from tests.helpers import TIMEOUT, chat_body, metric_samples, post
 
 pytestmark = pytest.mark.cluster
 ADMIN = {"Authorization": f"Bearer {DEV_ADMIN_KEY}"}
 KEY = {"Authorization": "Bearer demo-standard"}
-
-
-def scrape(url: str) -> dict[str, float]:
-    out = {}
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 def stream(url: str, max_tokens: int) -> int:
@@ -43,11 +34,11 @@ def test_histograms_count_the_requests_and_goodput_separates_met_from_missed(clu
     url = clusters.tenants_base
     post(url, "/admin/ladder", {"rung": 0}, headers=ADMIN)  # no cap on max_tokens during the test
     try:
-        before = scrape(url)
+        before = metric_samples(url)
         short = [stream(url, 8) for _ in range(6)]
         long = [stream(url, 1200) for _ in range(2)]  # >= 1200 decode steps: well past 1.5 s here
         time.sleep(3 * clusters.tenants_cfg.router.load_poll_interval_s)  # engine totals reach the router
-        after = scrape(url)
+        after = metric_samples(url)
     finally:
         post(url, "/admin/ladder", {"auto": True}, headers=ADMIN)
     assert short == [8] * 6 and long == [1200] * 2

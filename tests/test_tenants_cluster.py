@@ -15,7 +15,7 @@ import pytest
 
 from pdserve.engine.config import DEV_ADMIN_KEY
 from tests.conftest import RESTRICTED_KEY
-from tests.helpers import TIMEOUT, chat_body, post, status
+from tests.helpers import TIMEOUT, chat_body, metric_samples, post, status
 
 pytestmark = pytest.mark.cluster
 
@@ -207,17 +207,10 @@ async def _watch_rungs(url: str, stop: asyncio.Event, seen: list[int]) -> None:
             await asyncio.sleep(0.2)
 
 
-def _metric(url: str, name: str, labels: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(f"{name}{{{labels}}} "):
-            return float(line.split()[-1])
-    return 0.0
-
-
 def test_three_tenants_past_the_knee(url, clusters):
     set_rung(url, "auto")
     cap = clusters.tenants_cfg.ladder.standard_max_tokens_cap
-    good_before = _metric(url, "pdserve_goodput_requests_total", 'class="critical"')
+    good_before = metric_samples(url).get('pdserve_goodput_requests_total{class="critical"}', 0.0)
 
     async def scenario():
         stop = asyncio.Event()
@@ -254,7 +247,7 @@ def test_three_tenants_past_the_knee(url, clusters):
     ttfts = sorted(r["ttft"] for r in ok)
     # The router's own goodput counter judges TTFT from arrival at the router; this client shares
     # the machine's two cores with the router and engines, so its clock also counts its own lag.
-    router_good = _metric(url, "pdserve_goodput_requests_total", 'class="critical"') - good_before
+    router_good = metric_samples(url).get('pdserve_goodput_requests_total{class="critical"}', 0.0) - good_before
     print(f"\ncritical goodput (router) {router_good / elapsed:.2f} req/s ({router_good:.0f}/{len(crit)} met every SLO);"
           f" client-side {good / elapsed:.2f} req/s ({good}/{len(crit)} within TTFT SLO) over {elapsed:.1f} s,"
           f" TTFT p50 {ttfts[len(ttfts) // 2] * 1000:.0f} ms, max {ttfts[-1] * 1000:.0f} ms;"
