@@ -17,7 +17,10 @@ import pytest
 
 from pdserve.engine.tiny_model import resolve_model
 
-pytestmark = pytest.mark.cluster
+# Excluded from the default run (marker 'timing', run with -m timing): inside the full suite the
+# other apps' idle NIXL engines load this 2-core machine and the two clients' medians drift apart
+# by up to 30 % (it passed in 2 of 3 full-suite runs, and 3 of 3 against an otherwise idle cluster).
+pytestmark = [pytest.mark.cluster, pytest.mark.timing]
 
 VLLM_CLIENT = textwrap.dedent("""
     import json, sys
