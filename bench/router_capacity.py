@@ -43,7 +43,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
-from pdserve.bench.stub_engine import STUB_LABEL, STUB_NAME, InstantStubEngine, StubSettings
+from pdserve.bench.stub_engine import STUB_LABEL, STUB_NAME, InstantStubEngine, InstantStubReplica, StubSettings
 
 __all__ = ["InstantStubEngine", "StubSettings", "stub_cluster_config", "build_stub_app", "analyze_closed_loop",
            "analyze_open_loop", "limiting_resource", "main"]
@@ -62,7 +62,8 @@ _VOCAB = ("prefill decode cache block transfer engine router replica request lat
 
 def stub_cluster_config(mode: str = "monolithic", *, port: int = 8471, host: str = "127.0.0.1",
                         stub_replicas: int = 2, stub_max_ongoing: int = 10_000,
-                        admission_max_inflight: int = 1_000_000, name: str = "router-capacity"):
+                        admission_max_inflight: int = 1_000_000, name: str = "router-capacity",
+                        token_stream: str = "direct"):
     """A ClusterConfig that validates like a real one, for stub pools.
 
     device "cpu" requires a core set per replica, disjoint across pools: the stubs get labels
@@ -80,7 +81,7 @@ def stub_cluster_config(mode: str = "monolithic", *, port: int = 8471, host: str
     data: dict[str, Any] = {
         "name": name, "mode": mode, "device": "cpu",
         "model": {"path": "builtin:tiny", "served_name": "tiny", "load_format": "dummy"},
-        "router": {"host": host, "port": port},
+        "router": {"host": host, "port": port, "token_stream": token_stream},
         "admission": {"max_inflight": admission_max_inflight},
     }
     if mode == "monolithic":
@@ -105,7 +106,7 @@ def build_stub_app(cfg, settings: StubSettings = StubSettings()):
     engines = {}
     for name, pool in cfg.pools().items():
         engines[name] = serve.deployment(
-            InstantStubEngine,
+            InstantStubReplica,
             name=name,  # the pool names: the router's POOL_VIEWS and pool-size polls key on them
             num_replicas=pool.replicas,
             max_ongoing_requests=pool.max_ongoing_requests,
@@ -761,6 +762,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--max-inflight-per-client", type=int, default=4096, help="open loop: arrivals past this are "
                    "dropped (counted)")
     p.add_argument("--stub-replicas", type=int, default=2, help="InstantStubEngine replicas per pool")
+    p.add_argument("--token-stream", choices=("direct", "ray"), default="direct",
+                   help="router.token_stream: items over a direct connection per call, or Ray streaming calls")
     p.add_argument("--tokens-per-message", type=int, default=1,
                    help="token chunks per Ray message from the stub (a real engine at low load: 1)")
     p.add_argument("--stub-itl-ms", type=float, default=0.0,
@@ -798,15 +801,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     settings = StubSettings(tokens_per_message=args.tokens_per_message, message_interval_s=args.stub_itl_ms / 1000,
                             default_max_tokens=args.output_tokens)
     cfg = stub_cluster_config(args.mode, port=args.port, host=args.host, stub_replicas=args.stub_replicas,
-                              admission_max_inflight=args.admission_max_inflight)
+                              admission_max_inflight=args.admission_max_inflight, token_stream=args.token_stream)
     url = f"http://{args.host}:{args.port}"
     ncores = os.cpu_count() or 1
     busy_before = _machine_busy_before()
     print("router capacity benchmark: ONE router replica (RouterServer, unchanged) in front of STUB engines",
           flush=True)
     print(f"  engines: {STUB_LABEL}", flush=True)
-    print(f"  mode {args.mode}; {args.stub_replicas} stub replica(s) per pool; {args.tokens_per_message} token(s) per "
-          f"message; stub ITL {args.stub_itl_ms:g} ms", flush=True)
+    print(f"  mode {args.mode}; token stream {args.token_stream}; {args.stub_replicas} stub replica(s) per pool; "
+          f"{args.tokens_per_message} token(s) per message; stub ITL {args.stub_itl_ms:g} ms", flush=True)
     print(f"  requests: streamed chat, ~{args.input_words} prompt words, {args.output_tokens} output tokens, usage on",
           flush=True)
     print(f"  machine: {ncores} cores, {busy_before:.0f}% busy before start; {args.clients} client process(es); "

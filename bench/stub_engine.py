@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any, AsyncIterator, Iterator, Optional
 
+from pdserve.engine.direct_stream import StreamServer
 from pdserve.engine.errors import error_body
 
 STUB_NAME = "InstantStubEngine"
@@ -264,6 +265,12 @@ class InstantStubEngine:
         self.requests_total = 0
         self._ids = itertools.count()
         self._tag = f"{os.getpid():x}{int(time.time() * 1000) % 0xFFFFFF:x}"
+        self.streams: Optional[StreamServer] = None
+
+    async def start_streams(self, host: str = "127.0.0.1") -> None:
+        """Serve ``generate`` on a direct stream too, as EngineReplica does."""
+        self.streams = StreamServer(self.generate, host)
+        await self.streams.start()
 
     def _request_id(self, endpoint: str) -> str:
         return f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-stub-{self._tag}-{next(self._ids)}"
@@ -297,7 +304,19 @@ class InstantStubEngine:
             "steps_total": self.requests_total, "kv_capacity_tokens": self.settings.kv_capacity_tokens,
             "updated_at": time.time(), "role": self.role, "index": self.index, "cores": None, "kv_port": None,
             "pid": os.getpid(), "replica": self.replica_id, "stub": STUB_NAME,
+            "stream": self.streams.address() if self.streams else None,
         }
 
     async def check_health(self) -> None:
         return None
+
+
+class InstantStubReplica(InstantStubEngine):
+    """The Ray Serve deployment of the STUB: ``InstantStubEngine`` with its direct stream
+    server started, so the router reaches it the way it reaches a real engine replica."""
+
+    async def __init__(self, role: str, settings: Optional[dict[str, Any]] = None) -> None:
+        super().__init__(role, settings)
+        from pdserve.engine.server import node_ip
+
+        await self.start_streams(node_ip())

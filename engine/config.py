@@ -192,6 +192,12 @@ class RouterSpec(_Strict):
     load_poll_interval_s: float = Field(0.25, gt=0)
     # A decode replica is eligible while its KV usage stays below this.
     decode_kv_headroom: float = Field(0.95, gt=0, le=1)
+    # How each engine call's items reach the router: "direct" (one TCP connection per call to
+    # the replica, engine/direct_stream.py; Ray carries only control) or "ray" (a Ray Serve
+    # streaming call, one Ray message per batch of items).
+    token_stream: Literal["direct", "ray"] = "direct"
+    # A replica being stopped lets its direct streams finish for up to this long.
+    stream_drain_timeout_s: float = Field(15.0, ge=0)
     # Custom Ray resources the router replica asks for (it asks for no CPU), e.g.
     # {"router_group": 1} to pin it to the node group whose pods advertise router_group and
     # carry the router's port, probes and Kubernetes Service. Empty: any node.

@@ -14,8 +14,9 @@ from typing import Any, AsyncIterator, Optional
 from ray import serve
 
 from pdserve.engine.config import ClusterConfig
+from pdserve.engine.direct_stream import StreamServer
 from pdserve.engine.little_meter import LittleMeter
-from pdserve.engine.server import EngineServer, Role
+from pdserve.engine.server import EngineServer, Role, node_ip
 
 logger = logging.getLogger("pdserve.replica")
 
@@ -68,6 +69,9 @@ class EngineReplica:
         scaling = self.cfg.pools()[self.role].autoscaling
         self.meter = LittleMeter(scaling.window_s if scaling else 10.0)
         await self.server.start()
+        # The router reads each call's items over this connection; Ray carries the control plane.
+        self.streams = StreamServer(self.generate, node_ip())
+        await self.streams.start()
 
     async def generate(self, endpoint: str, body: dict[str, Any], replica: Optional[str] = None) -> AsyncIterator[list]:
         """Stream lists of ``Item`` tuples (see engine/server.py); the first list starts
@@ -96,6 +100,7 @@ class EngineReplica:
     def load(self, replica: Optional[str] = None) -> dict[str, Any]:
         report = self.server.load()
         report["replica"] = self.replica_id
+        report["stream"] = self.streams.address()
         return report
 
     def set_kv_faults(self, spec: Optional[dict[str, Any]], replica: Optional[str] = None) -> dict[str, Any]:
@@ -112,4 +117,6 @@ class EngineReplica:
         await self.server.check_health()
 
     async def __del__(self):
+        # Ray Serve drains only the calls it carried; direct streams get the same grace.
+        await self.streams.close(drain_timeout_s=self.cfg.router.stream_drain_timeout_s)
         await self.server.shutdown()

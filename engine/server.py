@@ -82,7 +82,7 @@ class EngineServer:
             from pdserve.kv_transfer.registry import kv_transfer_config_for
 
             kv_config = KVTransferConfig(**kv_transfer_config_for(
-                cfg, self.role, port=self.kv_port, host=_node_ip(), fault_file=self.fault_file))
+                cfg, self.role, port=self.kv_port, host=node_ip(), fault_file=self.fault_file))
         return AsyncEngineArgs(
             model=model_path,
             tokenizer=model_path,
@@ -113,7 +113,7 @@ class EngineServer:
             confine_engine_to_cores(self.cores)
         if self.kv_port is not None:
             os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(self.kv_port)
-            os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", _node_ip())
+            os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", node_ip())
 
     async def start(self) -> None:
         self._set_env()
@@ -221,7 +221,7 @@ class EngineServer:
         await self.engine.check_health()
 
 
-def _node_ip() -> str:
+def node_ip() -> str:
     try:
         import ray
 

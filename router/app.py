@@ -167,7 +167,7 @@ class RouterServer:
         self.pools: dict[str, Pool] = {}
         for name, handle in (("prefill", prefill), ("decode", decode), ("monolithic", monolithic)):
             if handle is not None:
-                self.pools[name] = Pool(name, handle)
+                self.pools[name] = Pool(name, handle, direct_streams=self.cfg.router.token_stream == "direct")
         self.prefill_pick = least_loaded()
         self.decode_pick = least_loaded(kv_headroom=self.cfg.router.decode_kv_headroom)
         model_path = resolve_model(self.cfg.model.path)

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional
 
+from pdserve.engine.direct_stream import DirectStream
 from pdserve.router.selection import Candidate
 from pdserve.router.targeting import POOL_VIEWS, TARGET_KWARG
 
@@ -29,9 +30,10 @@ class Pool:
     # calls in a row that time out (a busy replica may answer one late).
     TIMEOUTS_BEFORE_UNHEALTHY = 2
 
-    def __init__(self, name: str, handle, poll_timeout_s: float = 1.0) -> None:
+    def __init__(self, name: str, handle, poll_timeout_s: float = 1.0, direct_streams: bool = True) -> None:
         self.name = name
         self.handle = handle
+        self.direct_streams = direct_streams
         self.deployment = handle.deployment_name
         self.poll_timeout_s = poll_timeout_s
         self.replicas: dict[str, ReplicaState] = {}
@@ -96,9 +98,19 @@ class Pool:
             if st is not None:
                 st.inflight -= 1
 
-    def stream(self, replica_id: Optional[str], endpoint: str, body: dict[str, Any]) -> AsyncIterator[tuple]:
+    def stream(self, replica_id: Optional[str], endpoint: str, body: dict[str, Any]) -> AsyncIterator[list]:
+        """One engine call's item batches: over a direct connection to the replica when it
+        has reported one (engine/direct_stream.py), else as a Ray Serve streaming call."""
         kwargs = {TARGET_KWARG: replica_id} if replica_id else {}
-        return self.handle.options(stream=True).generate.remote(endpoint, body, **kwargs)
+
+        def ray_call():
+            return self.handle.options(stream=True).generate.remote(endpoint, body, **kwargs)
+
+        st = self.replicas.get(replica_id) if replica_id else None
+        address = st.load.get("stream") if st is not None and self.direct_streams else None
+        if address:
+            return DirectStream(address, endpoint, body, ray_call=ray_call)
+        return ray_call()
 
     def status(self) -> list[dict[str, Any]]:
         out = []

@@ -19,6 +19,9 @@ _SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos"
                   "skip_special_tokens", "spaces_between_special_tokens")
 
 
+_IDS_KEY = '"token_ids":['
+
+
 class StreamTracker:
     """Reads the SSE events the client is sent and remembers what a continuation needs."""
 
@@ -38,6 +41,8 @@ class StreamTracker:
             if data == "[DONE]":
                 self.done = True
                 continue
+            if self.head and self._observe_token_chunk(data):
+                continue
             try:
                 chunk = json.loads(data)
             except ValueError:
@@ -53,6 +58,26 @@ class StreamTracker:
                 self.sent_ids.extend(choice.get("token_ids") or [])
                 if choice.get("finish_reason"):
                     self.finished = True
+
+    def _observe_token_chunk(self, data: str) -> bool:
+        """The common chunk (one choice, one delta, no finish) read without a JSON parse,
+        which was a tenth of the router's CPU. Inside a JSON string every quote is escaped,
+        so an unescaped ``"token_ids":[`` can only be the key. Anything else: False, and
+        the caller parses the chunk in full."""
+        at = data.find(_IDS_KEY)
+        if at < 0 or data.find(_IDS_KEY, at + 1) >= 0 or '"finish_reason":"' in data or "prompt_token_ids" in data:
+            return False
+        start = at + len(_IDS_KEY)
+        end = data.find("]", start)
+        if end < 0:
+            return False
+        inner = data[start:end]
+        try:
+            ids = [int(t) for t in inner.split(",")] if inner.strip() else []
+        except ValueError:
+            return False
+        self.sent_ids.extend(ids)
+        return True
 
     def can_resume(self, body: dict[str, Any]) -> bool:
         return self.prompt_ids is not None and not self.finished and (body.get("n") or 1) == 1

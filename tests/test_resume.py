@@ -60,3 +60,55 @@ def test_completions_streams_carry_prompt_ids_per_choice():
     assert t.can_resume({"prompt": "x"})
     body = t.continuation({"prompt": "x", "max_tokens": 4, "temperature": 0}, "tiny")
     assert body["prompt"] == [5, 6, 7, 11] and body["max_tokens"] == 3
+
+
+def _full_parse_ids(events: list[str]) -> list[int]:
+    ids = []
+    for e in events:
+        data = e[len("data: "):].strip()
+        if data == "[DONE]":
+            continue
+        for c in json.loads(data).get("choices") or []:
+            ids.extend(c.get("token_ids") or [])
+    return ids
+
+
+def test_the_fast_token_chunk_path_reads_what_a_full_parse_reads():
+    head = '{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"tiny",'
+    events = [
+        "data: " + head + '"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,'
+        '"finish_reason":null}],"prompt_token_ids":[1,2,3]}\n\n',
+        "data: " + head + '"choices":[{"index":0,"delta":{"content":" a"},"logprobs":null,"finish_reason":null,'
+        '"token_ids":[343]}]}\n\n',
+        # content that spells the key, escaped as JSON must: the fast path must not be fooled
+        "data: " + head + '"choices":[{"index":0,"delta":{"content":"\\"token_ids\\":[9] ]"},"logprobs":null,'
+        '"finish_reason":null,"token_ids":[7,8]}]}\n\n',
+        # a chunk without ids, two choices, then the finish
+        "data: " + head + '"choices":[{"index":0,"delta":{"content":""},"logprobs":null,"finish_reason":null,'
+        '"token_ids":[]}]}\n\n',
+        "data: " + head + '"choices":[{"index":0,"delta":{"content":"x"},"token_ids":[11]},'
+        '{"index":1,"delta":{"content":"y"},"token_ids":[12]}]}\n\n',
+        "data: " + head + '"choices":[{"index":0,"delta":{"content":"!"},"logprobs":null,"finish_reason":"length",'
+        '"stop_reason":null,"token_ids":[99]}]}\n\n',
+        "data: [DONE]\n\n",
+    ]
+    t = StreamTracker("chat")
+    for e in events:
+        t.observe(e)
+    assert t.sent_ids == _full_parse_ids(events) == [343, 7, 8, 11, 12, 99]
+    assert t.prompt_ids == [1, 2, 3] and t.finished and t.done
+    assert t.head == {"id": "chatcmpl-1", "created": 1, "model": "tiny"}
+
+
+def test_the_fast_path_agrees_with_a_full_parse_on_stub_streams():
+    from pdserve.bench.stub_engine import stream_chunks, stub_token_ids
+
+    for endpoint in ("chat", "completions"):
+        body = {"messages": [{"role": "user", "content": "hi"}], "prompt": "hi", "max_tokens": 9, "stream": True,
+                "return_token_ids": True, "stream_options": {"include_usage": True}}
+        events = list(stream_chunks(endpoint, body, request_id="r", created=1))
+        t = StreamTracker(endpoint)
+        for e in events:
+            t.observe(e)
+        assert t.sent_ids == _full_parse_ids(events) == stub_token_ids(9)
+        assert t.finished and t.done and t.prompt_ids

@@ -1,0 +1,268 @@
+"""The token data plane: one TCP connection per engine call, from the router to the replica.
+
+Ray Serve carries the control plane (load polls, health, chaos, autoscaling, replica
+lifecycle). The items of each engine call (engine/server.py ``Item`` tuples, batched as
+``EngineReplica.generate`` yields them) go over a plain connection instead of a Ray
+streaming call: every Ray message costs about 0.4 ms of CPU across the router, the replica
+and Ray's IO threads, which made the router, not the engines, the ceiling
+(bench/router_capacity.py). A frame here costs a JSON encode, one socket write and a JSON
+decode.
+
+Wire format: frames of a 4-byte big-endian length and a UTF-8 JSON payload.
+
+* router -> replica, once: ``{"token": ..., "endpoint": ..., "body": {...}}``. The token is
+  the replica's own random secret, which the router learns only through Ray (the replica's
+  ``load()`` report), so nothing else on the network can submit work.
+* replica -> router: one frame per batch, a JSON list of items; then ``{"end": true}``, or
+  ``{"error": "..."}`` if the call raised.
+
+The router cancels a call by closing the connection; the replica sees EOF and stops the
+call, which aborts the engine request (the same path as a cancelled Ray stream).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import json
+import logging
+import secrets
+import struct
+from typing import Any, AsyncIterator, Callable, Optional
+
+logger = logging.getLogger("pdserve.direct_stream")
+
+_HEADER = struct.Struct(">I")
+MAX_REQUEST_BYTES = 64 << 20  # a request body (prompt) frame
+MAX_REPLY_BYTES = 256 << 20  # one batch of items (a long non-streamed answer fits)
+REQUEST_READ_TIMEOUT_S = 10.0
+
+ServeFn = Callable[[str, dict[str, Any]], AsyncIterator[list]]
+
+
+class StreamBroken(ConnectionError):
+    """The replica's end of a direct stream went away before the call finished."""
+
+
+class RemoteCallError(RuntimeError):
+    """The engine call raised inside the replica; the message is its repr."""
+
+
+def encode_frame(payload: Any) -> bytes:
+    data = json.dumps(payload, separators=(",", ":")).encode()
+    return _HEADER.pack(len(data)) + data
+
+
+async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> Any:
+    (n,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+    if n > max_bytes:
+        raise ValueError(f"frame of {n} bytes exceeds the limit of {max_bytes}")
+    return json.loads(await reader.readexactly(n))
+
+
+class StreamServer:
+    """The replica's side: serves ``serve(endpoint, body)`` calls to authenticated routers."""
+
+    def __init__(self, serve: ServeFn, host: str) -> None:
+        self._serve = serve
+        self.host = host
+        self.port: Optional[int] = None
+        self._token = secrets.token_hex(16)
+        self._server: Optional[asyncio.base_events.Server] = None
+        self.active = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._connection, self.host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def address(self) -> dict[str, Any]:
+        """What the router needs to call this replica directly (it travels only through Ray)."""
+        return {"host": self.host, "port": self.port, "token": self._token}
+
+    async def close(self, drain_timeout_s: float = 0.0) -> None:
+        """Stop accepting; let calls in flight finish for up to ``drain_timeout_s``."""
+        if self._server is None:
+            return
+        self._server.close()
+        deadline = asyncio.get_running_loop().time() + drain_timeout_s
+        while self.active and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        self._server = None
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(read_frame(reader, MAX_REQUEST_BYTES), REQUEST_READ_TIMEOUT_S)
+            token = request.get("token") if isinstance(request, dict) else None
+            if not isinstance(token, str) or not hmac.compare_digest(token, self._token):
+                raise PermissionError("bad or missing stream token")
+            endpoint, body = request["endpoint"], request["body"]
+        except Exception as e:  # noqa: BLE001 - a bad client gets its connection closed, nothing else
+            logger.warning("direct stream refused from %s: %r", writer.get_extra_info("peername"), e)
+            writer.close()
+            return
+        self.active += 1
+        pump = asyncio.create_task(self._pump(endpoint, body, writer))
+        hangup = asyncio.create_task(reader.read(1))  # EOF (or any byte): the router cancelled
+        try:
+            await asyncio.wait({pump, hangup}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not pump.done():
+                pump.cancel()  # aborts the engine request through the generator's cleanup
+                await asyncio.gather(pump, return_exceptions=True)
+            hangup.cancel()
+            writer.close()
+            self.active -= 1
+
+    async def _pump(self, endpoint: str, body: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        gen = self._serve(endpoint, body)
+        try:
+            async for batch in gen:
+                writer.write(encode_frame(batch))
+                await writer.drain()
+            writer.write(encode_frame({"end": True}))
+            await writer.drain()
+        except ConnectionError:
+            pass  # the router went away; the generator's cleanup below aborts the request
+        except Exception as e:  # noqa: BLE001 - reported to the router, like a failed Ray call
+            logger.warning("direct stream call %s failed: %r", endpoint, e)
+            try:
+                writer.write(encode_frame({"error": repr(e)}))
+                await writer.drain()
+            except ConnectionError:
+                pass
+        finally:
+            await gen.aclose()
+
+
+class _FrameReader(asyncio.Protocol):
+    """Splits the replica's byte stream into frames as they arrive, so the router can take
+    every frame that is already here in one go (one batch, one write to its client)."""
+
+    def __init__(self) -> None:
+        self.transport: Optional[asyncio.Transport] = None
+        self.frames: collections.deque[bytes] = collections.deque()
+        self.closed = False
+        self.error: Optional[BaseException] = None
+        self._buf = bytearray()
+        self._waiter: Optional[asyncio.Future] = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        start = 0
+        while len(buf) - start >= _HEADER.size:
+            (n,) = _HEADER.unpack_from(buf, start)
+            if n > MAX_REPLY_BYTES:
+                self.error = ValueError(f"frame of {n} bytes exceeds the limit of {MAX_REPLY_BYTES}")
+                self.transport.abort()
+                break
+            end = start + _HEADER.size + n
+            if len(buf) < end:
+                break
+            self.frames.append(bytes(buf[start + _HEADER.size:end]))
+            start = end
+        if start:
+            del buf[:start]
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.closed = True
+        self.error = self.error or exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def wait(self) -> None:
+        while not self.frames and not self.closed:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+
+
+class DirectStream:
+    """The router's side of one call: an async iterator of item batches with ``cancel()``,
+    the interface of the Ray streaming response it replaces. Each step returns every item
+    that has arrived by then, so a router that falls behind writes fewer, larger chunks.
+
+    If the replica cannot be reached at all (it died, or scaled down, since the last load
+    poll), the call goes through ``ray_call()`` instead, which Ray Serve routes to a live
+    replica of the pool, so nothing has been sent twice.
+    """
+
+    def __init__(self, address: dict[str, Any], endpoint: str, body: dict[str, Any],
+                 ray_call: Optional[Callable[[], Any]] = None, connect_timeout_s: float = 2.0) -> None:
+        self._address = address
+        self._request = {"token": address["token"], "endpoint": endpoint, "body": body}
+        self._ray_call = ray_call
+        self._connect_timeout_s = connect_timeout_s
+        self._conn: Optional[_FrameReader] = None
+        self._ray_gen = None
+        self._control: Optional[dict[str, Any]] = None  # the end/error frame, once read
+        self._cancelled = False
+
+    def __aiter__(self) -> "DirectStream":
+        return self
+
+    async def __anext__(self) -> list[tuple]:
+        if self._ray_gen is not None:
+            return await self._ray_gen.__anext__()
+        if self._conn is None:
+            await self._connect()
+            if self._ray_gen is not None:
+                return await self._ray_gen.__anext__()
+        conn = self._conn
+        if self._control is None:
+            await conn.wait()
+        batch: list[tuple] = []
+        while conn.frames and self._control is None:
+            payload = json.loads(conn.frames.popleft())
+            if isinstance(payload, list):
+                batch.extend(tuple(item) for item in payload)
+            else:
+                self._control = payload
+        if batch:
+            return batch
+        if self._control is None:  # closed with no end frame: the replica died mid-call
+            self._close()
+            raise StreamBroken(f"engine replica {self._address['host']}:{self._address['port']} closed the "
+                               f"stream: {conn.error!r}")
+        self._close()
+        if self._control.get("end"):
+            raise StopAsyncIteration
+        raise RemoteCallError(self._control.get("error", "unknown error"))
+
+    async def _connect(self) -> None:
+        if self._cancelled:
+            raise asyncio.CancelledError
+        loop = asyncio.get_running_loop()
+        try:
+            _, self._conn = await asyncio.wait_for(
+                loop.create_connection(_FrameReader, self._address["host"], self._address["port"]),
+                self._connect_timeout_s)
+        except (OSError, asyncio.TimeoutError):
+            if self._ray_call is None:
+                raise
+            logger.info("engine replica %s:%s unreachable directly; calling it through Ray",
+                        self._address["host"], self._address["port"])
+            self._ray_gen = self._ray_call()
+            return
+        self._conn.transport.write(encode_frame(self._request))
+
+    def _close(self) -> None:
+        if self._conn is not None and self._conn.transport is not None:
+            self._conn.transport.close()
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self._ray_gen is not None:
+            self._ray_gen.cancel()
+        self._close()

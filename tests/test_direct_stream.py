@@ -1,0 +1,176 @@
+"""The direct token stream (engine/direct_stream.py) over real loopback sockets, without Ray."""
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from pdserve.engine.direct_stream import (DirectStream, RemoteCallError, StreamBroken, StreamServer, encode_frame,
+                                          read_frame)
+
+
+class Calls:
+    """A serve function that records how each call ended."""
+
+    def __init__(self, batches, *, hold=False, fail=None):
+        self.batches = batches
+        self.hold = hold
+        self.fail = fail
+        self.seen: list[tuple[str, dict]] = []
+        self.ended: list[str] = []
+        self.started = asyncio.Event()
+
+    async def __call__(self, endpoint, body):
+        self.seen.append((endpoint, body))
+        try:
+            for b in self.batches:
+                yield b
+            self.started.set()
+            if self.fail:
+                raise self.fail
+            if self.hold:
+                await asyncio.sleep(3600)
+            self.ended.append("finished")
+        except (asyncio.CancelledError, GeneratorExit):
+            self.ended.append("aborted")
+            raise
+
+
+async def _drain(stream) -> list:
+    out = []
+    async for batch in stream:
+        out.append(batch)
+    return out
+
+
+def _run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+def test_items_arrive_in_order_as_tuples_and_the_call_sees_the_body():
+    async def main():
+        calls = Calls([[("meta", {"replica": "r"}), ("sse", "data: a\n\n")], [("sse", "data: [DONE]\n\n")]])
+        srv = StreamServer(calls, "127.0.0.1")
+        await srv.start()
+        got = await _drain(DirectStream(srv.address(), "chat", {"messages": [{"role": "user", "content": "hi"}]}))
+        await srv.close()
+        return calls, got
+
+    calls, got = _run(main())
+    # batches already waiting when the router reads are handed over as one
+    assert [it for b in got for it in b] == [("meta", {"replica": "r"}), ("sse", "data: a\n\n"),
+                                            ("sse", "data: [DONE]\n\n")]
+    assert calls.seen == [("chat", {"messages": [{"role": "user", "content": "hi"}]})]
+    assert calls.ended == ["finished"]
+
+
+def test_cancel_closes_the_connection_and_aborts_the_call_in_the_replica():
+    async def main():
+        calls = Calls([[("sse", "x")]], hold=True)
+        srv = StreamServer(calls, "127.0.0.1")
+        await srv.start()
+        stream = DirectStream(srv.address(), "chat", {})
+        assert await stream.__anext__() == [("sse", "x")]
+        await calls.started.wait()
+        stream.cancel()
+        for _ in range(100):
+            if calls.ended:
+                break
+            await asyncio.sleep(0.02)
+        active = srv.active
+        await srv.close()
+        return calls.ended, active
+
+    ended, active = _run(main())
+    assert ended == ["aborted"] and active == 0
+
+
+def test_an_exception_in_the_call_reaches_the_router_as_an_error():
+    async def main():
+        srv = StreamServer(Calls([[("sse", "x")]], fail=RuntimeError("engine dead")), "127.0.0.1")
+        await srv.start()
+        stream = DirectStream(srv.address(), "chat", {})
+        first = await stream.__anext__()
+        with pytest.raises(RemoteCallError, match="engine dead"):
+            await stream.__anext__()
+        await srv.close()
+        return first
+
+    assert _run(main()) == [("sse", "x")]
+
+
+def test_a_wrong_token_is_refused_and_runs_nothing():
+    async def main():
+        calls = Calls([[("sse", "x")]])
+        srv = StreamServer(calls, "127.0.0.1")
+        await srv.start()
+        forged = dict(srv.address(), token="0" * 32)
+        with pytest.raises(StreamBroken):
+            await DirectStream(forged, "chat", {}).__anext__()
+        # a raw client with no token at all
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(encode_frame({"endpoint": "chat", "body": {}}))
+        assert await reader.read() == b""
+        writer.close()
+        await srv.close()
+        return calls.seen
+
+    assert _run(main()) == []
+
+
+def test_a_replica_that_dies_mid_stream_is_a_broken_stream():
+    async def main():
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+
+        async def fake_replica(reader, writer):
+            await read_frame(reader, 1 << 20)
+            writer.write(encode_frame([["sse", "one"]]))
+            await writer.drain()
+            writer.transport.abort()  # the process died: no end frame
+
+        server = await asyncio.start_server(fake_replica, sock=listener)
+        stream = DirectStream({"host": "127.0.0.1", "port": port, "token": "t"}, "chat", {})
+        first = await stream.__anext__()
+        with pytest.raises(StreamBroken):
+            await stream.__anext__()
+        server.close()
+        return first
+
+    assert _run(main()) == [("sse", "one")]
+
+
+def test_an_unreachable_replica_is_called_through_ray_instead():
+    class RayStream:
+        def __init__(self):
+            self.items = [[("meta", {"replica": "other"})]]
+            self.cancelled = False
+
+        async def __anext__(self):
+            if not self.items:
+                raise StopAsyncIteration
+            return self.items.pop(0)
+
+        def cancel(self):
+            self.cancelled = True
+
+    async def main():
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()  # nothing listens there now
+        made = []
+
+        def ray_call():
+            made.append(RayStream())
+            return made[0]
+
+        got = await _drain(DirectStream({"host": "127.0.0.1", "port": port, "token": "t"}, "chat", {},
+                                        ray_call=ray_call))
+        return got, len(made)
+
+    got, n = _run(main())
+    assert got == [[("meta", {"replica": "other"})]] and n == 1
