@@ -127,6 +127,36 @@ def test_prefill_and_decode_run_on_disjoint_cores(clusters):
     assert owned["prefill"].isdisjoint(owned["decode"])
 
 
+@pytest.mark.parametrize("transport", ["nixl", "grpc"])
+def test_idle_engines_do_not_spin(clusters, transport):
+    """An idle P/D engine leaves its core to the other work on it. NIXL's agent used to spin
+    its progress thread (poll with a zero timeout): about 90 % of a core per idle engine."""
+    import time
+
+    import psutil
+
+    url = clusters.pd_url if transport == "nixl" else clusters.grpc_url
+    pools = status(url)["pools"]
+    procs = [c for pool in ("prefill", "decode") for rep in pools[pool]
+             for c in psutil.Process(rep["pid"]).children(recursive=True)]
+
+    def cpu_seconds() -> float:
+        total = 0.0
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    time.sleep(1.0)  # let the last request's work settle
+    before, t0 = cpu_seconds(), time.monotonic()
+    time.sleep(4.0)
+    share = (cpu_seconds() - before) / (time.monotonic() - t0)
+    assert share < 0.25, f"idle {transport} P/D engines used {share:.0%} of a core"
+
+
 def test_status_cli(clusters, capsys):
     from pdserve.cluster.cli import main
 
