@@ -613,7 +613,13 @@ class RouterServer:
                 pending: list[str] = [first_chunk] + leg.ready_chunks()
                 while True:
                     if pending:
-                        n = sum(1 for c in pending if _carries_token(c))
+                        text = "".join(pending)
+                        if resumes:
+                            text = tracker.rewrite(text)
+                        before = len(tracker.sent_ids)
+                        tracker.observe(text)
+                        # Stream chunks carry their token ids; count text chunks only where none do.
+                        n = len(tracker.sent_ids) - before or sum(1 for c in pending if _carries_token(c))
                         if n:
                             now = time.perf_counter()
                             if ttft is None:
@@ -622,10 +628,6 @@ class RouterServer:
                                 self.metrics.itl.labels(path, ctx.cls).observe(now - last)
                             tokens += n
                             last = now
-                        text = "".join(pending)
-                        if resumes:
-                            text = tracker.rewrite(text)
-                        tracker.observe(text)
                         if text:
                             yield text
                     if tracker.done:

@@ -55,6 +55,7 @@ class RequestChecker:
         self.served_name = served_name
         self.max_model_len = max_model_len
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self._fast = getattr(self.tokenizer, "backend_tokenizer", None)
         self._models = {"chat": ChatCompletionRequest, "completions": CompletionRequest}
 
     def check(self, endpoint: str, body: dict[str, Any]) -> CheckedRequest:
@@ -93,12 +94,14 @@ class RequestChecker:
     def _count_prompt(self, endpoint: str, body: dict[str, Any]) -> int:
         if endpoint == "chat":
             try:
-                ids = self.tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=True)
+                text = self.tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=False)
             except Exception as e:  # jinja raises for unknown roles and malformed content
                 raise ApiError(400, f"cannot apply the chat template: {e}", param="messages")
-            if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
-                ids = ids["input_ids"]
-            return len(ids)
+            # The template writes the special tokens itself, as tokenize=True would encode it;
+            # the Rust tokenizer directly skips transformers' per-call wrapping.
+            if self._fast is not None:
+                return len(self._fast.encode(text, add_special_tokens=False).ids)
+            return len(self.tokenizer.encode(text, add_special_tokens=False))
         prompt = body["prompt"]
         if isinstance(prompt, str):
             return len(self.tokenizer.encode(prompt, add_special_tokens=True))
