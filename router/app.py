@@ -658,8 +658,6 @@ class RouterServer:
             if not completed:
                 leg.cancel()  # client went away: abort the engine request
             self.metrics.inflight.dec()
-            # Streams carry token ids (return_token_ids): an exact count, where a chunk may hold several.
-            tokens = max(tokens, len(tracker.sent_ids))
             ctx.output_tokens = tokens
             self._finish(ctx)
             self.metrics.requests.labels(path, endpoint, status if completed else "499").inc()
