@@ -33,6 +33,8 @@ def add_parser(sub) -> None:
     f.add_argument("--delay-s", type=float, default=None, help="stall each affected transfer this long (gRPC)")
     f.add_argument("--delay-fraction", type=float, default=None)
     f.add_argument("--corrupt", type=float, default=None, help="fraction of transfers corrupted (gRPC)")
+    f.add_argument("--force-inline", action="store_true", default=None,
+                   help="same-host pulls get the bytes in the stream, as across hosts (gRPC)")
     k = acts.add_parser("kill-replica", help="SIGKILL one replica process; Ray Serve replaces it")
     k.add_argument("--pool", required=True, choices=["prefill", "decode", "monolithic"])
     k.add_argument("--replica", default=None)
@@ -55,9 +57,10 @@ def _request(args) -> tuple[str, str, dict | None]:
         return "GET", "/admin/chaos", None
     if a == "faults":
         spec = {k: v for k, v in (("fail", args.fail), ("delay_s", args.delay_s),
-                                   ("delay_fraction", args.delay_fraction), ("corrupt", args.corrupt)) if v is not None}
+                                   ("delay_fraction", args.delay_fraction), ("corrupt", args.corrupt),
+                                   ("force_inline", args.force_inline)) if v is not None}
         if not spec:
-            raise SystemExit("pdserve chaos faults: give at least one of --fail, --delay-s, --corrupt")
+            raise SystemExit("pdserve chaos faults: give at least one of --fail, --delay-s, --corrupt, --force-inline")
         return "POST", "/admin/chaos/faults", spec
     if a == "kill-replica":
         body = {"pool": args.pool}

@@ -159,6 +159,10 @@ class GrpcTransportSpec(_Strict):
     max_message_bytes: int = Field(64 << 20, ge=1 << 20)
     bind_host: str = "0.0.0.0"
     pull_workers: int = Field(4, ge=1, le=64)
+    # A decode on the same host as its prefill (same PID namespace, memory readable) copies the
+    # KV out of the prefill process by reference instead of receiving it in the stream (one
+    # kernel copy, as UCX does there). False: bytes always travel inline, as across hosts.
+    same_host_refs: bool = True
     tls: Optional[GrpcTLSSpec] = None
 
     @model_validator(mode="after")

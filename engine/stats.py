@@ -30,6 +30,8 @@ class LoadReport:
     kv_transfer_failures_total: int = 0
     kv_expired_total: int = 0
     kv_checksum_failures_total: int = 0
+    # gRPC transport: pulls whose bytes came by same-host reference rather than inline
+    kv_same_host_transfers_total: int = 0
     kv_failure_kinds: dict[str, int] = field(default_factory=dict)
     steps_total: int = 0
     # Tokens the engine's KV cache holds when full (blocks x block size); 0 until known.
@@ -109,10 +111,16 @@ class LoadTracker:
             r.kv_transfer_failures_total += int(sum(sum(g.get(k) or []) for k in _FAILURE_KEYS))
             r.kv_expired_total += int(sum(g.get("num_kv_expired_reqs") or []))
             r.kv_checksum_failures_total += int(sum(g.get("num_checksum_failures") or []))
+            r.kv_same_host_transfers_total += int(sum(g.get("same_host") or []))
             for kind in g.get("failure_kind") or []:
                 r.kv_failure_kinds[kind] = r.kv_failure_kinds.get(kind, 0) + 1
-            for rid, seconds, nbytes in zip(g.get("request_id") or [], durations, g.get("bytes_transferred") or []):
-                self._remember(rid, {"ok": True, "seconds": seconds, "bytes": nbytes})
+            modes = g.get("same_host") or [None] * len(durations)
+            for rid, seconds, nbytes, mode in zip(g.get("request_id") or [], durations, g.get("bytes_transferred") or [],
+                                                  modes):
+                pull = {"ok": True, "seconds": seconds, "bytes": nbytes}
+                if mode is not None:
+                    pull["same_host"] = bool(mode)
+                self._remember(rid, pull)
             for rid, kind in zip(g.get("failed_request_id") or [], g.get("failure_kind") or []):
                 self._remember(rid, {"ok": False, "kind": kind})
 

@@ -6,7 +6,9 @@ no restart, no RPC into the engine loop. An absent file means no faults.
 
 Spec keys (all optional): ``kill_links`` (bool: refuse every transfer), ``fail``
 (fraction of transfers that fail), ``corrupt`` (fraction whose data is altered
-after its checksum was taken), ``delay_s`` with ``delay_fraction`` (default 1.0).
+after its checksum was taken), ``delay_s`` with ``delay_fraction`` (default 1.0),
+``force_inline`` (bool, gRPC only: a same-host puller gets the bytes in the stream, as
+across hosts, instead of by reference).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-_KEYS = {"kill_links", "fail", "corrupt", "delay_s", "delay_fraction"}
+_KEYS = {"kill_links", "fail", "corrupt", "delay_s", "delay_fraction", "force_inline"}
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class FaultSpec:
     corrupt: float = 0.0
     delay_s: float = 0.0
     delay_fraction: float = 1.0
+    force_inline: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FaultSpec":

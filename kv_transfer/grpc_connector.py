@@ -16,7 +16,9 @@ The flow is NIXL's pull model over TCP:
    plans a pull into the freshly allocated blocks.
 3. The decode worker pulls in layer-by-layer chunks, checks each chunk's CRC-32C,
    writes the blocks, and releases the lease. vLLM then recomputes the last prompt
-   token and decodes.
+   token and decodes. A chunk carries its bytes inline, or, between processes on one
+   host that proved they can, says where they lie in the prefill process and decode
+   copies them itself (``same_host.py``).
 4. Any failure (unreachable, deadline, stream cut, checksum, lease gone) is reported
    as a failed receive; vLLM's ``kv_load_failure_policy`` decides between a local
    recompute and an error. The prefill frees blocks on release or lease expiry.

@@ -17,6 +17,7 @@ class GrpcKVSettings:
     max_message_bytes: int = 64 << 20
     chunk_bytes: int = 4 << 20
     pull_workers: int = 4
+    same_host_refs: bool = True  # same-host pairs copy by reference (same_host.py); False: bytes inline
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None

@@ -19,6 +19,8 @@ _LIST_KEYS = (
     # the prefill engine's request id of each transfer / failure, for per-request TTFT breakdowns
     "request_id",
     "failed_request_id",
+    # 1 where the bytes came by same-host reference, 0 where they came inline in the stream
+    "same_host",
 )
 
 
@@ -31,10 +33,11 @@ class GrpcKVStats(KVConnectorStats):
     def reset(self):
         self.data = {k: [] for k in _LIST_KEYS}
 
-    def record_transfer(self, seconds: float, nbytes: int, remote_request_id: str) -> None:
+    def record_transfer(self, seconds: float, nbytes: int, remote_request_id: str, same_host: bool = False) -> None:
         self.data["transfer_duration"].append(seconds)
         self.data["bytes_transferred"].append(nbytes)
         self.data["request_id"].append(remote_request_id)
+        self.data["same_host"].append(int(same_host))
 
     def record_failure(self, kind: str, remote_request_id: str) -> None:
         self.data["num_failed_transfers"].append(1)
@@ -60,6 +63,7 @@ class GrpcKVStats(KVConnectorStats):
             "num_failed_transfers": len(self.data["num_failed_transfers"]),
             "num_checksum_failures": len(self.data["num_checksum_failures"]),
             "num_kv_expired_reqs": len(self.data["num_kv_expired_reqs"]),
+            "num_same_host_transfers": sum(self.data["same_host"]),
             "avg_transfer_ms": round(1000 * total_s / len(durations), 3) if durations else 0,
             "throughput_gb_s": round(total_bytes / total_s / 1e9, 3) if total_s else 0,
         }

@@ -48,12 +48,14 @@ class GrpcKVWorker:
         s = self.settings
         self.layout = BlockLayout(kv_caches, self.num_blocks)
         if self.is_producer:
-            servicer = KVStreamServicer(self.engine_id, self.leases, self.layout, s.chunk_bytes, self.faults)
+            servicer = KVStreamServicer(self.engine_id, self.leases, self.layout, s.chunk_bytes, self.faults,
+                                        memory_refs=s.same_host_refs)
             self._server = start_server(servicer, f"{s.bind_host}:{s.port}", s.max_message_bytes, s.tls())
             logger.info("gRPC KV server on %s:%d (%d layers, %d B per block-layer)",
                         s.bind_host, s.port, self.layout.num_layers, self.layout.block_bytes)
         if self.is_consumer:
-            self._puller = KVPuller(self.layout, s.deadline_s, s.max_message_bytes, s.tls())
+            self._puller = KVPuller(self.layout, s.deadline_s, s.max_message_bytes, s.tls(),
+                                    same_host_refs=s.same_host_refs)
             self._pool = ThreadPoolExecutor(max_workers=s.pull_workers, thread_name_prefix="kv-pull")
 
     def start_load_kv(self, meta: GrpcKVMetadata) -> None:
@@ -69,7 +71,7 @@ class GrpcKVWorker:
     def _pull(self, job: PullJob) -> None:
         start = time.perf_counter()
         try:
-            nbytes = self._puller.pull(job)
+            pulled = self._puller.pull(job)
         except Exception as e:  # noqa: BLE001 - any error is a failed load, never a hang
             kind = e.kind if isinstance(e, TransferFailed) else type(e).__name__
             if isinstance(e, TransferFailed):
@@ -86,7 +88,8 @@ class GrpcKVWorker:
             return
         with self._lock:
             self._loaded.add(job.request_id)
-            self._stats.record_transfer(time.perf_counter() - start, nbytes, job.remote_request_id)
+            self._stats.record_transfer(time.perf_counter() - start, pulled.nbytes, job.remote_request_id,
+                                        pulled.same_host)
         self._puller.release(job, ok=True)
 
     def get_transfer_results(self) -> KVConnectorTransferResults:

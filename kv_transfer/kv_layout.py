@@ -52,6 +52,29 @@ class BlockLayout:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def addressable(self) -> bool:
+        """Whether every block of every layer is one run of host memory (what same-host references need)."""
+        return all(e.block_dim == 0 and e.cache.device.type == "cpu" and e.cache.is_contiguous()
+                   for e in self.layers)
+
+    def runs(self, layer: int, block_ids: list[int]) -> list[tuple[int, memoryview]]:
+        """The blocks as (address, view) runs of this process's memory, in the given order;
+        consecutive block ids share one run. Only for an ``addressable`` layout."""
+        entry = self.layers[layer]
+        flat = entry.cache.view(torch.uint8).reshape(-1).numpy()
+        base, size = entry.cache.data_ptr(), self.block_bytes
+        out: list[tuple[int, memoryview]] = []
+        i = 0
+        while i < len(block_ids):
+            j = i + 1
+            while j < len(block_ids) and block_ids[j] == block_ids[j - 1] + 1:
+                j += 1
+            first = block_ids[i] * size
+            out.append((base + first, memoryview(flat[first:first + (j - i) * size])))
+            i = j
+        return out
+
     def read(self, layer: int, block_ids: list[int]) -> memoryview:
         """The bytes of ``block_ids`` of one layer, blocks in the given order.
 

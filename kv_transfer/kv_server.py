@@ -8,6 +8,7 @@ back to vLLM through ``get_finished`` on the next engine step.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -18,6 +19,7 @@ import crc32c
 import grpc
 
 from pdserve.kv_transfer import kv_stream_pb2 as pb
+from pdserve.kv_transfer import same_host
 from pdserve.kv_transfer.faults import FaultSwitch
 from pdserve.kv_transfer.kv_layout import BlockLayout
 from pdserve.kv_transfer.kv_wire import Chunk, encode_chunk
@@ -27,6 +29,9 @@ logger = logging.getLogger(__name__)
 # A pull can arrive before the engine step that registers its lease; wait this long for it.
 _LEASE_REGISTRATION_WAIT_S = 5.0
 _EXPIRED_MEMORY = 4096
+# Bytes one same-host reference message covers at most. A reference is a few bytes whatever it
+# covers, so this only sets the pipelining: the checksum of one overlaps the copy of the one before.
+_REFERENCE_CHUNK_BYTES = 16 << 20
 
 
 @dataclass
@@ -117,18 +122,30 @@ class LeaseTable:
 SERVICE = pb.DESCRIPTOR.services_by_name["KVStream"].full_name
 PULL_METHOD = f"/{SERVICE}/Pull"
 RELEASE_METHOD = f"/{SERVICE}/Release"
+HELLO_METHOD = f"/{SERVICE}/Hello"
 
 
 class KVStreamServicer:
     """Implements service KVStream of kv_stream.proto; Pull yields KVChunk messages already encoded."""
 
     def __init__(self, engine_id: str, table: LeaseTable, layout: BlockLayout,
-                 chunk_bytes: int, faults: FaultSwitch):
+                 chunk_bytes: int, faults: FaultSwitch, memory_refs: bool = True,
+                 reference_chunk_bytes: int = _REFERENCE_CHUNK_BYTES):
         self.engine_id = engine_id
         self.table = table
         self.layout = layout
         self.chunk_bytes = chunk_bytes
         self.faults = faults
+        # Same-host references (same_host.py): offered when allowed and this cache can be addressed.
+        self.memory_refs = memory_refs and layout.addressable and same_host.supported()
+        self.reference_chunk_bytes = reference_chunk_bytes
+        self._probe = same_host.Probe()
+        self._host_id = same_host.host_id()
+
+    def Hello(self, request: pb.HelloRequest, context) -> pb.HelloReply:
+        return pb.HelloReply(engine_id=self.engine_id, host_id=self._host_id, pid=os.getpid(),
+                             probe_address=self._probe.address, probe=self._probe.value,
+                             memory_refs=self.memory_refs)
 
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext):
         if request.engine_id != self.engine_id:
@@ -156,6 +173,9 @@ class KVStreamServicer:
             while context.is_active() and time.monotonic() < until:
                 time.sleep(0.05)
         corrupt = self.faults.roll(fault.corrupt)
+        if request.memory_refs and self.memory_refs and not fault.force_inline:
+            yield from self._references(wanted, context, corrupt)
+            return
         layout = self.layout
         for layer in range(layout.num_layers):
             for start, count in layout.chunks(len(wanted), self.chunk_bytes):
@@ -168,6 +188,45 @@ class KVStreamServicer:
                     corrupt = False
                 yield encode_chunk(Chunk(layer, start, count, data, crc, layout.num_layers, len(wanted),
                                          layout.block_bytes))
+
+    def _references(self, wanted: list[int], context, corrupt: bool):
+        """Same-host chunks: each names where its bytes lie in this process, so one message can
+        cover several layers (fewer messages, the same pipelining of checksum and copy)."""
+        layout = self.layout
+        if not wanted:
+            return
+        budget = self.reference_chunk_bytes
+        layer_bytes = len(wanted) * layout.block_bytes
+        if layer_bytes <= budget:
+            per = budget // layer_bytes
+            units = [(layer, min(per, layout.num_layers - layer), 0, len(wanted))
+                     for layer in range(0, layout.num_layers, per)]
+        else:
+            units = [(layer, 1, start, count) for layer in range(layout.num_layers)
+                     for start, count in layout.chunks(len(wanted), budget)]
+        for layer, layer_count, start, count in units:
+            if not context.is_active():
+                return
+            yield self._reference(layer, layer_count, wanted[start:start + count], start, len(wanted), corrupt)
+            corrupt = False
+
+    def _reference(self, layer: int, layer_count: int, blocks: list[int], start: int, total: int,
+                   corrupt: bool) -> bytes:
+        """One reference chunk; its checksum is of the bytes as they are now.
+
+        Decode reads them after this message arrives, while the lease still holds the blocks;
+        should they change in between (a lease that expired mid-read), the checksum fails.
+        """
+        layout = self.layout
+        runs = [run for l in range(layer, layer + layer_count) for run in layout.runs(l, blocks)]
+        crc = 0
+        for _, view in runs:
+            crc = crc32c.crc32c(view, crc, gil_release_mode=0)
+        if corrupt:  # the injected fault: what decode reads no longer matches the checksum
+            crc ^= 0xFFFFFFFF
+        return encode_chunk(Chunk(layer, start, len(blocks), memoryview(b""), crc, layout.num_layers, total,
+                                  layout.block_bytes, os.getpid(),
+                                  tuple((address, len(view)) for address, view in runs), layer_count))
 
     def Release(self, request: pb.ReleaseRequest, context):
         if not request.ok:
@@ -207,6 +266,9 @@ def start_server(servicer: KVStreamServicer, bind: str, max_message_bytes: int,
         "Release": grpc.unary_unary_rpc_method_handler(
             servicer.Release, request_deserializer=pb.ReleaseRequest.FromString,
             response_serializer=pb.ReleaseReply.SerializeToString),
+        "Hello": grpc.unary_unary_rpc_method_handler(
+            servicer.Hello, request_deserializer=pb.HelloRequest.FromString,
+            response_serializer=pb.HelloReply.SerializeToString),
     }),))
     if tls and tls.cert and tls.key:
         creds = grpc.ssl_server_credentials([(read_pem(tls.key), read_pem(tls.cert))])

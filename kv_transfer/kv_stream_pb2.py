@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#pdserve/kv_transfer/kv_stream.proto\x12\rpdserve.kv.v1\"]\n\x0bPullRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tengine_id\x18\x02 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\"\x9e\x01\n\x07KVChunk\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x05 \x01(\r\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x07 \x01(\r\x12\x13\n\x0b\x62lock_bytes\x18\x08 \x01(\x04\"C\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tengine_id\x18\x02 \x01(\t\x12\n\n\x02ok\x18\x03 \x01(\x08\"\"\n\x0cReleaseReply\x12\x12\n\nwas_leased\x18\x01 \x01(\x08\x32\x8f\x01\n\x08KVStream\x12<\n\x04Pull\x12\x1a.pdserve.kv.v1.PullRequest\x1a\x16.pdserve.kv.v1.KVChunk0\x01\x12\x45\n\x07Release\x12\x1d.pdserve.kv.v1.ReleaseRequest\x1a\x1b.pdserve.kv.v1.ReleaseReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#pdserve/kv_transfer/kv_stream.proto\x12\rpdserve.kv.v1\"r\n\x0bPullRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tengine_id\x18\x02 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x13\n\x0bmemory_refs\x18\x05 \x01(\x08\"\xdc\x01\n\x07KVChunk\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x05 \x01(\r\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x07 \x01(\r\x12\x13\n\x0b\x62lock_bytes\x18\x08 \x01(\x04\x12\x12\n\nsource_pid\x18\t \x01(\r\x12\x13\n\x0bsource_runs\x18\n \x03(\x04\x12\x13\n\x0blayer_count\x18\x0b \x01(\r\"C\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tengine_id\x18\x02 \x01(\t\x12\n\n\x02ok\x18\x03 \x01(\x08\"\"\n\x0cReleaseReply\x12\x12\n\nwas_leased\x18\x01 \x01(\x08\"\x0e\n\x0cHelloRequest\"x\n\nHelloReply\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x15\n\rprobe_address\x18\x04 \x01(\x04\x12\r\n\x05probe\x18\x05 \x01(\x0c\x12\x13\n\x0bmemory_refs\x18\x06 \x01(\x08\x32\xd0\x01\n\x08KVStream\x12<\n\x04Pull\x12\x1a.pdserve.kv.v1.PullRequest\x1a\x16.pdserve.kv.v1.KVChunk0\x01\x12\x45\n\x07Release\x12\x1d.pdserve.kv.v1.ReleaseRequest\x1a\x1b.pdserve.kv.v1.ReleaseReply\x12?\n\x05Hello\x12\x1b.pdserve.kv.v1.HelloRequest\x1a\x19.pdserve.kv.v1.HelloReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,13 +32,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.kv_transfer.kv_stre
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PULLREQUEST']._serialized_start=54
-  _globals['_PULLREQUEST']._serialized_end=147
-  _globals['_KVCHUNK']._serialized_start=150
-  _globals['_KVCHUNK']._serialized_end=308
-  _globals['_RELEASEREQUEST']._serialized_start=310
-  _globals['_RELEASEREQUEST']._serialized_end=377
-  _globals['_RELEASEREPLY']._serialized_start=379
-  _globals['_RELEASEREPLY']._serialized_end=413
-  _globals['_KVSTREAM']._serialized_start=416
-  _globals['_KVSTREAM']._serialized_end=559
+  _globals['_PULLREQUEST']._serialized_end=168
+  _globals['_KVCHUNK']._serialized_start=171
+  _globals['_KVCHUNK']._serialized_end=391
+  _globals['_RELEASEREQUEST']._serialized_start=393
+  _globals['_RELEASEREQUEST']._serialized_end=460
+  _globals['_RELEASEREPLY']._serialized_start=462
+  _globals['_RELEASEREPLY']._serialized_end=496
+  _globals['_HELLOREQUEST']._serialized_start=498
+  _globals['_HELLOREQUEST']._serialized_end=512
+  _globals['_HELLOREPLY']._serialized_start=514
+  _globals['_HELLOREPLY']._serialized_end=634
+  _globals['_KVSTREAM']._serialized_start=637
+  _globals['_KVSTREAM']._serialized_end=845
 # @@protoc_insertion_point(module_scope)

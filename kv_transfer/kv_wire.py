@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 _VARINT, _LEN = 0, 2
 # field numbers of KVChunk in kv_stream.proto
-_LAYER, _FIRST, _COUNT, _DATA, _CRC, _NLAYERS, _TOTAL, _BLOCK_BYTES = range(1, 9)
+_LAYER, _FIRST, _COUNT, _DATA, _CRC, _NLAYERS, _TOTAL, _BLOCK_BYTES, _SOURCE_PID, _SOURCE_RUNS, _LAYER_COUNT = range(1, 12)
 
 
 def _varint(out: bytearray, value: int) -> None:
@@ -37,6 +37,9 @@ class Chunk:
     num_layers: int
     total_blocks: int
     block_bytes: int
+    source_pid: int = 0  # same-host reference (data is then empty): the process holding the bytes
+    source_runs: tuple[tuple[int, int], ...] = ()  # (address, length) in that process, in order
+    layer_count: int = 1  # a reference may span layers layer .. layer + layer_count - 1
 
 
 def encode_chunk(c: Chunk) -> bytes:
@@ -52,6 +55,17 @@ def encode_chunk(c: Chunk) -> bytes:
     _field(tail, _NLAYERS, c.num_layers)
     _field(tail, _TOTAL, c.total_blocks)
     _field(tail, _BLOCK_BYTES, c.block_bytes)
+    _field(tail, _SOURCE_PID, c.source_pid)
+    if c.source_runs:  # proto3 packs repeated scalars
+        packed = bytearray()
+        for address, length in c.source_runs:
+            _varint(packed, address)
+            _varint(packed, length)
+        _varint(tail, _SOURCE_RUNS << 3 | _LEN)
+        _varint(tail, len(packed))
+        tail += packed
+    if c.layer_count != 1:
+        _field(tail, _LAYER_COUNT, c.layer_count)
     return b"".join((head, c.data, tail))
 
 
@@ -66,10 +80,21 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+def _read_packed(buf: memoryview, pos: int, stop: int) -> list[int]:
+    values = []
+    while pos < stop:
+        value, pos = _read_varint(buf, pos)
+        values.append(value)
+    if pos != stop or len(values) % 2:
+        raise ValueError("malformed source_runs in a KVChunk")
+    return values
+
+
 def decode_chunk(raw: bytes) -> Chunk:
     """Decodes a KVChunk; ``data`` is a view into ``raw`` (no copy). Unknown fields are skipped."""
     buf = memoryview(raw)
     ints = {}
+    runs: list[int] = []
     data = buf[0:0]
     pos, end = 0, len(buf)
     while pos < end:
@@ -79,8 +104,12 @@ def decode_chunk(raw: bytes) -> Chunk:
             ints[number], pos = _read_varint(buf, pos)
         elif wire == _LEN:
             size, pos = _read_varint(buf, pos)
+            if pos + size > end:
+                raise ValueError("truncated KVChunk")
             if number == _DATA:
                 data = buf[pos:pos + size]
+            elif number == _SOURCE_RUNS:
+                runs.extend(_read_packed(buf, pos, pos + size))
             pos += size
         else:
             raise ValueError(f"unexpected wire type {wire} for field {number} in a KVChunk")
@@ -88,4 +117,4 @@ def decode_chunk(raw: bytes) -> Chunk:
         raise ValueError("truncated KVChunk")
     g = ints.get
     return Chunk(g(_LAYER, 0), g(_FIRST, 0), g(_COUNT, 0), data, g(_CRC, 0), g(_NLAYERS, 0), g(_TOTAL, 0),
-                 g(_BLOCK_BYTES, 0))
+                 g(_BLOCK_BYTES, 0), g(_SOURCE_PID, 0), tuple(zip(runs[::2], runs[1::2])), g(_LAYER_COUNT, 0) or 1)

@@ -42,7 +42,7 @@ def kv_transfer_config_for(cfg: ClusterConfig, role: str, *, port: int, host: st
         host=host, port=port, bind_host=g.bind_host, lease_seconds=float(kv.lease_seconds),
         deadline_s=g.deadline_s, max_message_bytes=g.max_message_bytes, chunk_bytes=g.chunk_bytes,
         pull_workers=g.pull_workers, tls_cert=tls.cert if tls else None, tls_key=tls.key if tls else None,
-        tls_ca=tls.ca if tls else None, fault_file=fault_file,
+        tls_ca=tls.ca if tls else None, fault_file=fault_file, same_host_refs=g.same_host_refs,
     )
     return {**common, "kv_connector": "GrpcKVConnector",
             "kv_connector_module_path": "pdserve.kv_transfer.grpc_connector",

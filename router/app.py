@@ -57,8 +57,12 @@ def _breakdown_headers(leg: "_Leg") -> dict[str, str]:
         out["x-pdserve-prefill-ms"] = f"{leg.prefill_s * 1000:.2f}"
     pull = leg.kv_pull
     if pull is not None:
-        out["x-pdserve-kv-transfer"] = (f"ok; ms={pull['seconds'] * 1000:.2f}; bytes={pull['bytes']}" if pull["ok"]
-                                        else f"failed; kind={pull.get('kind')}")
+        if pull["ok"]:
+            mode = {True: "; mode=same-host", False: "; mode=inline"}.get(pull.get("same_host"), "")
+            out["x-pdserve-kv-transfer"] = f"ok; ms={pull['seconds'] * 1000:.2f}; bytes={pull['bytes']}{mode}"
+        else:
+            out["x-pdserve-kv-transfer"] = f"failed; kind={pull.get('kind')}"
+
     return out
 
 

@@ -119,7 +119,8 @@ class Pool:
                                                 "kv_transfers_total", "kv_transfer_bytes_total",
                                                 "kv_transfer_seconds_total", "kv_transfer_failures_total",
                                                 "kv_failure_kinds", "kv_checksum_failures_total",
-                                                "kv_expired_total", "external_hit_tokens_total",
+                                                "kv_expired_total", "kv_same_host_transfers_total",
+                                                "external_hit_tokens_total",
                                                 "preemptions_total")}
             out.append({"replica": st.replica_id, "healthy": st.healthy, "inflight": st.inflight, **load})
         return out

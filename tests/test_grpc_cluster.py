@@ -53,7 +53,9 @@ def test_grpc_pd_reports_the_transfer_in_the_ttft_breakdown(clusters):
     assert r.headers["x-pdserve-path"] == "pd"
     assert float(r.headers["x-pdserve-prefill-ms"]) > 0
     kv = r.headers["x-pdserve-kv-transfer"]
-    assert kv.startswith("ok; ms=") and int(kv.rsplit("bytes=", 1)[1]) >= 4 * 32 * 1024, kv
+    fields = dict(part.split("=", 1) for part in kv.split("; ")[1:])
+    assert kv.startswith("ok; ms=") and int(fields["bytes"]) >= 4 * 32 * 1024, kv
+    assert fields["mode"] == "same-host", kv  # engines on one host: copied by reference
 
     resp, chunks = stream_chat(clusters.grpc_url, chat_body("streamed breakdown " * 100, max_tokens=4))
     assert resp.status_code == 200 and chunks[-1] == {"done": True}

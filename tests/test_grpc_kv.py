@@ -1,7 +1,11 @@
 """The gRPC KV stream in-process: real gRPC server and puller over loopback, KV tensors shaped
-like the CPU backend's ([num_blocks, kv_heads, block_size, 2 * head_dim], bf16)."""
+like the CPU backend's ([num_blocks, kv_heads, block_size, 2 * head_dim], bf16).
+
+The stream tests run twice: with same-host references (the puller copies the bytes out of the
+server's memory; here that is its own process) and with the bytes inline, as across hosts."""
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -35,13 +39,16 @@ def _caches(seed: int, layers: int = 2) -> dict[str, torch.Tensor]:
 
 
 class Prefill:
-    def __init__(self, tmp_path, chunk_bytes=16 << 10):
+    # Reference messages cover at most 3 blocks of one layer (16 KiB each): a 7-block pull is cut
+    # within layers, a 1-block pull spans both layers in one message.
+    def __init__(self, tmp_path, chunk_bytes=16 << 10, reference_chunk_bytes=48 << 10):
         self.caches = _caches(1)
         self.layout = BlockLayout(self.caches, NUM_BLOCKS)
         self.table = LeaseTable()
         self.fault_file = str(tmp_path / "faults.json")
         self.port = _free_port()
-        servicer = KVStreamServicer(ENGINE, self.table, self.layout, chunk_bytes, FaultSwitch(self.fault_file))
+        servicer = KVStreamServicer(ENGINE, self.table, self.layout, chunk_bytes, FaultSwitch(self.fault_file),
+                                    reference_chunk_bytes=reference_chunk_bytes)
         self.server = start_server(servicer, f"127.0.0.1:{self.port}", 8 << 20, None)
 
     def lease(self, rid: str, blocks: list[int], seconds: float = 30.0) -> None:
@@ -59,10 +66,11 @@ def prefill(tmp_path):
     p.server.stop(grace=0)
 
 
-@pytest.fixture
-def decode():
+@pytest.fixture(params=["same_host", "inline"])
+def decode(request):
     caches = _caches(2)
-    return caches, KVPuller(BlockLayout(caches, NUM_BLOCKS), deadline_s=2.0, max_message_bytes=8 << 20, tls=None)
+    return caches, KVPuller(BlockLayout(caches, NUM_BLOCKS), deadline_s=2.0, max_message_bytes=8 << 20, tls=None,
+                            same_host_refs=request.param == "same_host")
 
 
 def _blocks_equal(src, src_ids, dst, dst_ids) -> bool:
@@ -76,8 +84,9 @@ def test_pull_moves_exact_blocks_in_chunks_and_releases_the_lease(prefill, decod
     local = [0, 1, 2, 20, 21, 22, 39]
     untouched = caches["model.layers.0.attn"][10].clone()
     job = prefill.job("r1", local)
-    nbytes = puller.pull(job)
-    assert nbytes == len(remote) * 2 * prefill.layout.block_bytes
+    pulled = puller.pull(job)
+    assert pulled.nbytes == len(remote) * 2 * prefill.layout.block_bytes
+    assert pulled.same_host == puller.same_host_refs
     assert _blocks_equal(prefill.caches, remote, caches, local)
     assert torch.equal(caches["model.layers.0.attn"][10], untouched)
     assert prefill.table.collect_ended(time.monotonic()) == (set(), 0)  # held until released
@@ -337,3 +346,92 @@ def test_pull_over_tls_and_a_plaintext_client_is_refused(tmp_path):
             plain.pull(PullJob("d", "t1", ENGINE, "127.0.0.1", port, [9, 10], 0))
     finally:
         server.stop(grace=0)
+
+
+def test_hand_encoded_same_host_references_are_protobuf_bytes():
+    from pdserve.kv_transfer import kv_stream_pb2 as pb
+    from pdserve.kv_transfer.kv_wire import Chunk, decode_chunk, encode_chunk
+
+    runs = ((0x7F00_0000_1000, 65536), (2**47 + 8, 1), (4096, 3 << 20))
+    ours = encode_chunk(Chunk(2, 8, 4, memoryview(b""), 77, 3, 12, 1024, 4242, runs, layer_count=5))
+    theirs = pb.KVChunk(layer=2, first_block=8, num_blocks=4, crc32c=77, num_layers=3, total_blocks=12,
+                        block_bytes=1024, source_pid=4242, source_runs=[v for run in runs for v in run],
+                        layer_count=5).SerializeToString()
+    assert ours == theirs
+    back = decode_chunk(theirs)
+    assert (back.source_pid, back.source_runs, back.layer_count, len(back.data)) == (4242, runs, 5, 0)
+    assert decode_chunk(pb.KVChunk(layer=1).SerializeToString()).layer_count == 1  # absent means one layer
+    odd = pb.KVChunk(source_runs=[1, 2, 3]).SerializeToString()
+    with pytest.raises(ValueError, match="source_runs"):
+        decode_chunk(odd)
+
+
+def test_same_host_copy_lines_up_runs_of_different_cuts():
+    import ctypes
+
+    from pdserve.kv_transfer import same_host
+
+    if not same_host.supported():
+        pytest.skip("process_vm_readv is not available here")
+    src = ctypes.create_string_buffer(bytes(range(256)) * 64, 16384)
+    dst = ctypes.create_string_buffer(16384)
+    s, d = ctypes.addressof(src), ctypes.addressof(dst)
+    # remote: three runs out of order; local: four runs cut elsewhere, same 6,000 bytes in all
+    remote = [(s + 8000, 2000), (s, 3000), (s + 12000, 1000)]
+    local = [(d, 1500), (d + 4000, 2500), (d + 9000, 1), (d + 10000, 1999)]
+    assert same_host.read_into(os.getpid(), local, remote) == 6000
+    want = src.raw[8000:10000] + src.raw[0:3000] + src.raw[12000:13000]
+    got = dst.raw[0:1500] + dst.raw[4000:6500] + dst.raw[9000:9001] + dst.raw[10000:11999]
+    assert got == want
+    with pytest.raises(ValueError, match="bytes"):
+        same_host.read_into(os.getpid(), local[:1], remote)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with pytest.raises(same_host.MemoryRefFailed):
+        same_host.read_into(gone.pid, [(d, 16)], [(s, 16)])
+    assert not same_host.probe_readable(gone.pid, s, src.raw[:16])
+    assert same_host.probe_readable(os.getpid(), s, src.raw[:16])
+
+
+def test_references_are_asked_for_only_where_the_probe_reads_back(tmp_path, monkeypatch):
+    from pdserve.kv_transfer import same_host
+
+    if not same_host.supported():
+        pytest.skip("process_vm_readv is not available here")
+    p = Prefill(tmp_path)
+    try:
+        dst = _caches(2)
+        # A puller that sees another host (or PID namespace) takes the bytes inline.
+        monkeypatch.setattr(same_host, "host_id", lambda: "another-host/pid:[1]")
+        other = KVPuller(BlockLayout(dst, NUM_BLOCKS), 2.0, 8 << 20, None)
+        p.lease("h1", [1, 2])
+        assert other.pull(p.job("h1", [5, 6])).same_host is False
+        monkeypatch.undo()
+        # Same host, but the probe does not read back (another process behind that pid).
+        puller = KVPuller(BlockLayout(dst, NUM_BLOCKS), 2.0, 8 << 20, None)
+        monkeypatch.setattr(same_host, "probe_readable", lambda pid, address, expected: False)
+        p.lease("h2", [3])
+        assert puller.pull(p.job("h2", [7])).same_host is False
+        monkeypatch.undo()
+        # Once proven, a reference into any other process is refused, and the endpoint is probed again.
+        puller = KVPuller(BlockLayout(dst, NUM_BLOCKS), 2.0, 8 << 20, None)
+        p.lease("h3", [4])
+        assert puller.pull(p.job("h3", [8])).same_host is True
+        stub = puller._stub("127.0.0.1", p.port)
+        stub.refs_pid = os.getpid() + 1
+        p.lease("h4", [9])
+        with pytest.raises(TransferFailed) as e:
+            puller.pull(p.job("h4", [10]))
+        assert e.value.kind == "memory_ref"
+        assert stub.refs_pid is None
+        p.lease("h5", [11])
+        assert puller.pull(p.job("h5", [12])).same_host is True
+        assert _blocks_equal(p.caches, [1, 2, 3, 4, 11], dst, [5, 6, 7, 8, 12])
+        # The server's own switch, and the chaos fault that forces bytes inline.
+        write_faults(p.fault_file, {"force_inline": True})
+        p.lease("h6", [13])
+        assert puller.pull(p.job("h6", [14])).same_host is False
+        write_faults(p.fault_file, None)
+        assert _blocks_equal(p.caches, [13], dst, [14])
+    finally:
+        p.server.stop(grace=0)

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from helpers import chat_body, pool_totals, post, status, stream_chat
+from helpers import chat_body, pool_totals, post, set_kv_faults, status, stream_chat
 
 pytestmark = pytest.mark.cluster
 
@@ -28,20 +28,35 @@ def _token_ids(resp) -> list[int]:
     return resp.json()["choices"][0]["token_ids"]
 
 
-@pytest.mark.parametrize("transport", ["nixl", "grpc"])
+# grpc: the decode engine copies the KV out of the prefill process by same-host reference;
+# grpc-inline: the bytes travel in the gRPC stream, as they must between hosts.
+@pytest.mark.parametrize("transport", ["nixl", "grpc", "grpc-inline"])
 def test_pd_greedy_output_equals_monolithic_and_kv_moved(clusters, transport):
     url = clusters.pd_url if transport == "nixl" else clusters.grpc_url
-    prompts = [_prompt(i, n) for i, n in enumerate(PROMPT_WORDS)]
+    offset = 1000 if transport == "grpc-inline" else 0  # prompts no engine has cached yet
+    prompts = [_prompt(offset + i, n) for i, n in enumerate(PROMPT_WORDS)]
     hits_before = pool_totals(url, "decode", "external_hit_tokens_total")
     bytes_before = pool_totals(url, "decode", "kv_transfer_bytes_total")
     transfers_before = pool_totals(url, "decode", "kv_transfers_total")
+    same_host_before = pool_totals(url, "decode", "kv_same_host_transfers_total") if offset == 0 else 0
 
-    pd, prompt_tokens = [], []
-    for p in prompts:
-        r = post(url, "/v1/chat/completions", chat_body(p))
-        assert r.headers["x-pdserve-path"] == "pd", r.headers
-        pd.append(_token_ids(r))
-        prompt_tokens.append(r.json()["usage"]["prompt_tokens"])
+    pd, prompt_tokens, moved_by_pull = [], [], []
+    if transport == "grpc-inline":
+        set_kv_faults("pdgrpc", "prefill", {"force_inline": True})
+    try:
+        for p in prompts:
+            r = post(url, "/v1/chat/completions", chat_body(p))
+            assert r.headers["x-pdserve-path"] == "pd", r.headers
+            if transport != "nixl":
+                kv = r.headers["x-pdserve-kv-transfer"]
+                moved_by_pull.append(int(kv.split("bytes=")[1].split(";")[0]))
+                want = "mode=inline" if transport == "grpc-inline" else "mode=same-host"
+                assert want in kv or not moved_by_pull[-1], r.headers
+            pd.append(_token_ids(r))
+            prompt_tokens.append(r.json()["usage"]["prompt_tokens"])
+    finally:
+        if transport == "grpc-inline":
+            set_kv_faults("pdgrpc", "prefill", None)
     mono = []
     for p in prompts:
         r = post(clusters.mono_url, "/v1/chat/completions", chat_body(p))
@@ -62,6 +77,9 @@ def test_pd_greedy_output_equals_monolithic_and_kv_moved(clusters, transport):
     assert transfers >= len(prompts)
     kv_bytes_per_token = 2 * 2 * 64 * 2 * 2  # layers x kv heads x head_dim x (K,V) x bf16
     assert moved >= sum((n - 1) // 32 * 32 for n in prompt_tokens) * kv_bytes_per_token
+    if transport == "grpc":
+        same_host = pool_totals(url, "decode", "kv_same_host_transfers_total") - same_host_before
+        assert same_host >= sum(1 for n in moved_by_pull if n), (same_host, moved_by_pull)
 
 
 def test_streamed_pd_equals_non_streamed(clusters):

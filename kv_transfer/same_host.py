@@ -1,0 +1,129 @@
+"""Same-host references: decode copies a prefill's KV blocks straight out of the prefill process.
+
+Between two processes on one host, UCX (under NIXL) moves KV with one kernel copy
+(cross-memory attach, ``process_vm_readv``) rather than through a socket. The gRPC stream
+does the same when it can: its chunk messages then say where the bytes lie instead of
+carrying them, and the puller copies them into its own KV blocks. The stream keeps every
+other duty: the lease, the order, the per-chunk checksum, the deadline and the failures.
+
+A puller takes references from a prefill process only after reading back, from the
+address the server named, a random probe the server sent in its Hello. Different hosts,
+different PID namespaces (containers, pods), different users or a kernel that forbids
+this access all fail the probe, and the stream then carries the bytes inline.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import secrets
+from typing import Sequence
+
+# (address, length) in some process's memory
+Run = tuple[int, int]
+
+_IOV_MAX = 1024  # the kernel's limit per process_vm_readv call, each side
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+def _load_readv():
+    # PyDLL keeps the GIL across the copy, as kv_layout.write does: in a busy engine
+    # process, taking the GIL back after a released call costs a whole switch interval.
+    try:
+        fn = ctypes.PyDLL(None, use_errno=True).process_vm_readv
+    except (AttributeError, OSError):
+        return None
+    fn.restype = ctypes.c_ssize_t
+    fn.argtypes = [ctypes.c_int, ctypes.POINTER(_IOVec), ctypes.c_ulong, ctypes.POINTER(_IOVec), ctypes.c_ulong,
+                   ctypes.c_ulong]
+    return fn
+
+
+_readv = _load_readv()
+
+
+class MemoryRefFailed(OSError):
+    """A same-host copy could not be made (the process is gone, or its memory is not readable)."""
+
+
+def host_id() -> str:
+    """Equal for two processes exactly when a PID means the same process to both ("" if unknown)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
+
+
+def supported() -> bool:
+    return _readv is not None and bool(host_id())
+
+
+class Probe:
+    """Random bytes at a fixed address of this process, for a puller to read back."""
+
+    def __init__(self) -> None:
+        self.value = secrets.token_bytes(16)
+        self._buf = ctypes.create_string_buffer(self.value, len(self.value))
+
+    @property
+    def address(self) -> int:
+        return ctypes.addressof(self._buf)
+
+
+def probe_readable(pid: int, address: int, expected: bytes) -> bool:
+    if not supported() or not expected or pid <= 0:
+        return False
+    out = ctypes.create_string_buffer(len(expected))
+    try:
+        read_into(pid, [(ctypes.addressof(out), len(expected))], [(address, len(expected))])
+    except MemoryRefFailed:
+        return False
+    return out.raw == expected
+
+
+def _pieces(local: Sequence[Run], remote: Sequence[Run]):
+    """(local address, remote address, length) pieces that line both run lists up byte for byte."""
+    li = ri = 0
+    l_addr, l_left = local[0] if local else (0, 0)
+    r_addr, r_left = remote[0] if remote else (0, 0)
+    while li < len(local) and ri < len(remote):
+        n = min(l_left, r_left)
+        if n:
+            yield l_addr, r_addr, n
+        l_addr, l_left, r_addr, r_left = l_addr + n, l_left - n, r_addr + n, r_left - n
+        if not l_left:
+            li += 1
+            if li < len(local):
+                l_addr, l_left = local[li]
+        if not r_left:
+            ri += 1
+            if ri < len(remote):
+                r_addr, r_left = remote[ri]
+
+
+def read_into(pid: int, local: Sequence[Run], remote: Sequence[Run]) -> int:
+    """Copies the bytes of ``remote`` (in process ``pid``) into ``local`` (this process), in order.
+
+    Both lists must cover the same number of bytes. Raises MemoryRefFailed unless every byte arrived.
+    """
+    if _readv is None:
+        raise MemoryRefFailed("process_vm_readv is not available on this platform")
+    total = sum(n for _, n in local)
+    if total != sum(n for _, n in remote):
+        raise ValueError(f"local runs hold {total} bytes, remote runs {sum(n for _, n in remote)}")
+    pieces = list(_pieces(local, remote))
+    for start in range(0, len(pieces), _IOV_MAX):
+        batch = pieces[start:start + _IOV_MAX]
+        l_iov = (_IOVec * len(batch))(*[(la, n) for la, _, n in batch])
+        r_iov = (_IOVec * len(batch))(*[(ra, n) for _, ra, n in batch])
+        want = sum(n for _, _, n in batch)
+        got = _readv(pid, l_iov, len(batch), r_iov, len(batch), 0)
+        if got != want:
+            err = ctypes.get_errno() if got < 0 else 0
+            raise MemoryRefFailed(err, f"read {got} of {want} bytes from process {pid}: "
+                                       f"{os.strerror(err) if err else 'short read'}")
+    return total
