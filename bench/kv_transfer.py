@@ -5,10 +5,13 @@
 Three parts, one run:
 1. the machine's memory-copy bandwidth (a large torch tensor copy): the physical limit;
 2. the gRPC stream alone, in-process over loopback (server thread -> puller thread, checksums on),
-   for the same sizes;
+   for the same sizes, with the bytes inline and by same-host reference;
 3. real P/D clusters (Ray Serve, vLLM engines on their own cores) for each transport and model:
    prompts of several lengths, one at a time, each with a fresh prefix so decode pulls every block;
    the decode engine's own transfer counters give the bytes and seconds of each pull.
+
+Transports: ``nixl``; ``grpc`` (same-host pairs copy by reference, kv_transfer/same_host.py);
+``grpc-inline`` (the bytes travel in the stream, as they must between hosts).
 
 The tiny model holds 1 KiB of KV per token (latency-bound); ``tiny-wide`` holds 32 KiB per token,
 so a 2,000-token prompt moves ~62 MiB (bandwidth-bound).
@@ -25,7 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
-_CONFIGS = {"grpc": "cpu-pd-grpc.yaml", "nixl": "cpu-pd.yaml"}
+_CONFIGS = {"grpc": "cpu-pd-grpc.yaml", "grpc-inline": "cpu-pd-grpc.yaml", "nixl": "cpu-pd.yaml"}
 
 
 def _free_port() -> int:
@@ -45,7 +48,7 @@ def memcpy_gbps(size: int, repeats: int = 5) -> float:
     return size / best / 1e9
 
 
-def grpc_loopback_gbps(size: int, repeats: int = 3) -> float:
+def grpc_loopback_gbps(size: int, repeats: int = 3, same_host_refs: bool = False) -> float:
     """One layer of ``size`` bytes in 64 KiB blocks, pulled through the real server and puller."""
     from pdserve.kv_transfer.faults import FaultSwitch
     from pdserve.kv_transfer.kv_layout import BlockLayout
@@ -60,13 +63,15 @@ def grpc_loopback_gbps(size: int, repeats: int = 3) -> float:
     port = _free_port()
     server = start_server(KVStreamServicer("e", table, BlockLayout(src, n), 4 * MiB, FaultSwitch(None)),
                           f"127.0.0.1:{port}", 64 * MiB, None)
-    puller = KVPuller(BlockLayout(dst, n), deadline_s=60, max_message_bytes=64 * MiB, tls=None)
+    puller = KVPuller(BlockLayout(dst, n), deadline_s=60, max_message_bytes=64 * MiB, tls=None,
+                      same_host_refs=same_host_refs)
     best = float("inf")
     try:
         for i in range(repeats):
             table.add(f"r{i}", list(range(n)), time.monotonic() + 60)
             t = time.perf_counter()
-            puller.pull(PullJob(f"d{i}", f"r{i}", "e", "127.0.0.1", port, list(range(n)), 0))
+            pulled = puller.pull(PullJob(f"d{i}", f"r{i}", "e", "127.0.0.1", port, list(range(n)), 0))
+            assert pulled.same_host == same_host_refs, pulled
             best = min(best, time.perf_counter() - t)
     finally:
         puller.close()
@@ -89,6 +94,9 @@ def cluster_transfers(transport: str, model: str, lengths: list[int], repeats: i
     from pdserve.engine.config import load_config
 
     cfg = load_config(ROOT / "configs" / _CONFIGS[transport])
+    if transport == "grpc-inline":
+        grpc = cfg.kv_transfer.grpc.model_copy(update={"same_host_refs": False})
+        cfg = cfg.model_copy(update={"kv_transfer": cfg.kv_transfer.model_copy(update={"grpc": grpc})})
     cfg = cfg.model_copy(update={
         "name": f"kvbench-{transport}",
         "model": cfg.model.model_copy(update={"path": f"builtin:{model}", "max_model_len": 4096}),
@@ -107,6 +115,10 @@ def cluster_transfers(transport: str, model: str, lengths: list[int], repeats: i
                     resp = client.post(url + "/v1/completions", json=body)
                     resp.raise_for_status()
                     assert resp.headers["x-pdserve-path"] == "pd", resp.headers
+                    mode = resp.headers.get("x-pdserve-kv-transfer", "")
+                    if transport.startswith("grpc") and r:
+                        want = "mode=inline" if transport == "grpc-inline" else "mode=same-host"
+                        assert want in mode, mode
                     prompt_tokens = resp.json()["usage"]["prompt_tokens"]
                     deadline = time.time() + 10
                     while (after := _decode_totals(url))[0] == before[0] and time.time() < deadline:
@@ -117,9 +129,9 @@ def cluster_transfers(transport: str, model: str, lengths: list[int], repeats: i
                 if samples:
                     nbytes = sum(b for b, _ in samples) / len(samples)
                     secs = sorted(s for _, s in samples)[len(samples) // 2]
-                    rows.append({"transport": transport, "model": model, "prompt_tokens": prompt_tokens,
+                    rows.append({"transport": transport, "model": model, "words": words, "prompt_tokens": prompt_tokens,
                                  "bytes": int(nbytes), "p50_ms": secs * 1000, "gb_s": nbytes / secs / 1e9})
-                    print(f"  {transport:4} {model:9} {prompt_tokens:5d} tok {nbytes / MiB:8.2f} MiB "
+                    print(f"  {transport:11} {model:9} {prompt_tokens:5d} tok {nbytes / MiB:8.2f} MiB "
                           f"p50 {secs * 1000:8.2f} ms  {nbytes / secs / 1e9:6.2f} GB/s", flush=True)
     finally:
         stop_cluster()
@@ -129,19 +141,21 @@ def cluster_transfers(transport: str, model: str, lengths: list[int], repeats: i
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="tiny,tiny-wide")
-    p.add_argument("--transports", default="grpc,nixl")
+    p.add_argument("--transports", default="grpc,grpc-inline,nixl")
     p.add_argument("--words", default="50,200,800,1600", help="prompt lengths in words (~1.2 tokens each)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    out: dict = {"memcpy_gb_s": {}, "grpc_loopback_gb_s": {}, "cluster": []}
+    out: dict = {"memcpy_gb_s": {}, "grpc_loopback_gb_s": {}, "grpc_loopback_same_host_gb_s": {}, "cluster": []}
 
     print("physical limit and the bare gRPC stream (in-process, loopback, CRC-32C on):")
     for mib in (1, 16, 64, 256):
         out["memcpy_gb_s"][mib] = memcpy_gbps(mib * MiB)
         out["grpc_loopback_gb_s"][mib] = grpc_loopback_gbps(mib * MiB)
+        out["grpc_loopback_same_host_gb_s"][mib] = grpc_loopback_gbps(mib * MiB, same_host_refs=True)
         print(f"  {mib:4d} MiB: torch copy {out['memcpy_gb_s'][mib]:6.2f} GB/s | "
-              f"gRPC stream {out['grpc_loopback_gb_s'][mib]:5.2f} GB/s", flush=True)
+              f"gRPC stream inline {out['grpc_loopback_gb_s'][mib]:5.2f} GB/s, "
+              f"same-host {out['grpc_loopback_same_host_gb_s'][mib]:5.2f} GB/s", flush=True)
 
     print("\nP/D clusters (decode engine's own transfer counters; median of repeats):")
     lengths = [int(w) for w in args.words.split(",")]
@@ -150,11 +164,12 @@ def main(argv=None) -> int:
             out["cluster"].extend(cluster_transfers(transport, model, lengths, args.repeats))
 
     print("\ngRPC / NIXL throughput, same prompt, same run:")
-    by = {(r["transport"], r["model"], r["prompt_tokens"]): r for r in out["cluster"]}
-    for (t, model, n), row in sorted(by.items()):
-        other = by.get(("nixl", model, n))
-        if t == "grpc" and other:
-            print(f"  {model:9} {n:5d} tok: gRPC {row['gb_s']:.2f} GB/s vs NIXL {other['gb_s']:.2f} GB/s "
+    by = {(r["transport"], r["model"], r["words"]): r for r in out["cluster"]}
+    for (t, model, words), row in sorted(by.items()):
+        other = by.get(("nixl", model, words))
+        n = row["prompt_tokens"]
+        if t.startswith("grpc") and other:
+            print(f"  {model:9} {n:5d} tok: {t:11} {row['gb_s']:.2f} GB/s vs NIXL {other['gb_s']:.2f} GB/s "
                   f"= {row['gb_s'] / other['gb_s']:.2f}x; latency {row['p50_ms']:.2f} vs {other['p50_ms']:.2f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
