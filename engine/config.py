@@ -360,6 +360,10 @@ class ClusterConfig(_Strict):
                 raise ValueError("mode 'monolithic' takes no 'prefill'/'decode' pools")
         if self.device == "cpu":
             self._check_disjoint_cores()
+        elif self.mode == "pd" and self.kv_transfer.transport == "grpc":
+            raise ValueError(
+                "kv_transfer.transport 'grpc' needs device 'cpu': the gRPC KV connector reads and writes KV "
+                "blocks in host memory, and a GPU staging path for it is not built; use transport 'nixl' on GPUs")
         return self
 
     def pools(self) -> dict[str, PoolSpec]:

@@ -34,6 +34,7 @@ def test_core_sets_parse():
     ({"mode": "pd", "prefill": {"cpu_cores": ["0"]}}, "needs both"),
     ({"mode": "monolithic"}, "needs a 'monolithic' pool"),
     (_pd(kv_transfer={"transport": "carrier-pigeon"}), "transport"),
+    (_pd(device="gpu", kv_transfer={"transport": "grpc"}), "needs device 'cpu'"),
     (_pd(router={"port": 0}), "port"),
     (_pd(bogus=1), "bogus"),
     (_pd(mode="hybrid"), "mode"),
