@@ -24,6 +24,10 @@ _RELEASE_TIMEOUT_S = 1.0
 _HELLO_TIMEOUT_S = 1.0
 
 
+def _crc32c(data: memoryview, value: int) -> int:
+    return crc32c.crc32c(data, value, gil_release_mode=0)  # keeps the GIL: see kv_layout.write
+
+
 class TransferFailed(RuntimeError):
     def __init__(self, kind: str, message: str):
         super().__init__(f"{kind}: {message}")
@@ -168,14 +172,10 @@ class KVPuller:
                                            f"of {len(layers)} layer(s)")
         runs = [run for layer in layers for run in self.layout.runs(layer, local)]
         try:
-            same_host.read_into(chunk.source_pid, [(address, len(view)) for address, view in runs],
-                                chunk.source_runs)
+            crc = same_host.read_checked(chunk.source_pid, runs, chunk.source_runs, _crc32c)
         except same_host.MemoryRefFailed as e:
             stub.refs_pid = None
             raise TransferFailed("memory_ref", f"{where}: {e}") from None
-        crc = 0
-        for _, view in runs:
-            crc = crc32c.crc32c(view, crc, gil_release_mode=0)
         if crc != chunk.crc32c:
             raise TransferFailed("checksum", where)
         return expect

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 import secrets
-from typing import Sequence
+from typing import Callable, Sequence
 
 # (address, length) in some process's memory
 Run = tuple[int, int]
@@ -127,3 +127,29 @@ def read_into(pid: int, local: Sequence[Run], remote: Sequence[Run]) -> int:
             raise MemoryRefFailed(err, f"read {got} of {want} bytes from process {pid}: "
                                        f"{os.strerror(err) if err else 'short read'}")
     return total
+
+
+def read_checked(pid: int, local: Sequence[tuple[int, memoryview]], remote: Sequence[Run],
+                 checksum: Callable[[memoryview, int], int], step: int = 1 << 20) -> int:
+    """Copies ``remote`` into the ``local`` (address, view) runs and folds the copied bytes into
+    ``checksum(view, value)``, ``step`` bytes at a time, so each piece is checked while it is
+    still in cache. Returns the checksum. Raises MemoryRefFailed unless every byte arrived."""
+    total = sum(len(view) for _, view in local)
+    if total != sum(n for _, n in remote):
+        raise ValueError(f"local runs hold {total} bytes, remote runs {sum(n for _, n in remote)}")
+    value = 0
+    rest = iter(remote)
+    r_addr = r_left = 0
+    for l_addr, view in local:
+        for off in range(0, len(view), step):
+            n = min(step, len(view) - off)
+            segments, need = [], n
+            while need:
+                if not r_left:
+                    r_addr, r_left = next(rest)
+                k = min(need, r_left)
+                segments.append((r_addr, k))
+                r_addr, r_left, need = r_addr + k, r_left - k, need - k
+            read_into(pid, [(l_addr + off, n)], segments)
+            value = checksum(view[off:off + n], value)
+    return value

@@ -385,6 +385,15 @@ def test_same_host_copy_lines_up_runs_of_different_cuts():
     assert got == want
     with pytest.raises(ValueError, match="bytes"):
         same_host.read_into(os.getpid(), local[:1], remote)
+    # The same copy in 700-byte steps, each checksummed as it lands, gives the whole range's CRC.
+    import crc32c
+
+    ctypes.memset(dst, 0, 16384)
+    views = [(d + off, memoryview(dst).cast("B")[off:off + n]) for off, n in [(0, 1500), (4000, 2500), (9000, 1),
+                                                                             (10000, 1999)]]
+    crc = same_host.read_checked(os.getpid(), views, remote, lambda v, c: crc32c.crc32c(v, c), step=700)
+    assert crc == crc32c.crc32c(want)
+    assert b"".join(bytes(v) for _, v in views) == want
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     with pytest.raises(same_host.MemoryRefFailed):
