@@ -14,6 +14,7 @@ this access all fail the probe, and the stream then carries the bytes inline.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import secrets
 from typing import Callable, Sequence
@@ -58,8 +59,18 @@ def host_id() -> str:
         return ""
 
 
+@functools.cache
 def supported() -> bool:
-    return _readv is not None and bool(host_id())
+    """Whether this process can make same-host copies at all: the call exists and is not
+    filtered away (a seccomp profile may refuse it even for a process reading itself)."""
+    if _readv is None or not host_id():
+        return False
+    src, dst = ctypes.create_string_buffer(b"pdserve", 8), ctypes.create_string_buffer(8)
+    try:
+        read_into(os.getpid(), [(ctypes.addressof(dst), 8)], [(ctypes.addressof(src), 8)])
+    except MemoryRefFailed:
+        return False
+    return dst.raw == src.raw
 
 
 class Probe:

@@ -74,3 +74,26 @@ def set_kv_faults(app: str, deployment: str, spec: dict[str, Any] | None) -> dic
     from ray import serve
 
     return serve.get_deployment_handle(deployment, app_name=app).set_kv_faults.remote(spec).result()
+
+
+def expected_kv_mode() -> str:
+    """The mode the gRPC transport should pick between two sibling engine processes here.
+
+    Same-host references need the call itself (no seccomp filter refusing it) and the kernel to
+    let one process read a sibling's memory: no Yama, or ptrace_scope 0, or CAP_SYS_PTRACE under
+    scope 1-2 (scope 3 forbids it). Anywhere else the bytes travel inline.
+    """
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+            scope = int(f.read())
+    except OSError:
+        scope = 0
+    cap_sys_ptrace = False
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                cap_sys_ptrace = bool(int(line.split()[1], 16) >> 19 & 1)
+    from pdserve.kv_transfer import same_host
+
+    allowed = scope == 0 or (scope in (1, 2) and cap_sys_ptrace)
+    return "same-host" if allowed and same_host.supported() else "inline"
