@@ -62,7 +62,6 @@ def _breakdown_headers(leg: "_Leg") -> dict[str, str]:
             out["x-pdserve-kv-transfer"] = f"ok; ms={pull['seconds'] * 1000:.2f}; bytes={pull['bytes']}{mode}"
         else:
             out["x-pdserve-kv-transfer"] = f"failed; kind={pull.get('kind')}"
-
     return out
 
 
