@@ -116,17 +116,15 @@ def _pieces(local: Sequence[Run], remote: Sequence[Run]):
                 r_addr, r_left = remote[ri]
 
 
-def read_into(pid: int, local: Sequence[Run], remote: Sequence[Run]) -> int:
-    """Copies the bytes of ``remote`` (in process ``pid``) into ``local`` (this process), in order.
+def _check_sizes(local_bytes: int, remote: Sequence[Run]) -> None:
+    remote_bytes = sum(n for _, n in remote)
+    if local_bytes != remote_bytes:
+        raise ValueError(f"local runs hold {local_bytes} bytes, remote runs {remote_bytes}")
 
-    Both lists must cover the same number of bytes. Raises MemoryRefFailed unless every byte arrived.
-    """
+
+def _read_pieces(pid: int, pieces: Sequence[tuple[int, int, int]]) -> None:
     if _readv is None:
         raise MemoryRefFailed("process_vm_readv is not available on this platform")
-    total = sum(n for _, n in local)
-    if total != sum(n for _, n in remote):
-        raise ValueError(f"local runs hold {total} bytes, remote runs {sum(n for _, n in remote)}")
-    pieces = list(_pieces(local, remote))
     for start in range(0, len(pieces), _IOV_MAX):
         batch = pieces[start:start + _IOV_MAX]
         l_iov = (_IOVec * len(batch))(*[(la, n) for la, _, n in batch])
@@ -137,6 +135,16 @@ def read_into(pid: int, local: Sequence[Run], remote: Sequence[Run]) -> int:
             err = ctypes.get_errno() if got < 0 else 0
             raise MemoryRefFailed(err, f"read {got} of {want} bytes from process {pid}: "
                                        f"{os.strerror(err) if err else 'short read'}")
+
+
+def read_into(pid: int, local: Sequence[Run], remote: Sequence[Run]) -> int:
+    """Copies the bytes of ``remote`` (in process ``pid``) into ``local`` (this process), in order.
+
+    Both lists must cover the same number of bytes. Raises MemoryRefFailed unless every byte arrived.
+    """
+    total = sum(n for _, n in local)
+    _check_sizes(total, remote)
+    _read_pieces(pid, list(_pieces(local, remote)))
     return total
 
 
@@ -145,22 +153,17 @@ def read_checked(pid: int, local: Sequence[tuple[int, memoryview]], remote: Sequ
     """Copies ``remote`` into the ``local`` (address, view) runs and folds the copied bytes into
     ``checksum(view, value)``, ``step`` bytes at a time, so each piece is checked while it is
     still in cache. Returns the checksum. Raises MemoryRefFailed unless every byte arrived."""
-    total = sum(len(view) for _, view in local)
-    if total != sum(n for _, n in remote):
-        raise ValueError(f"local runs hold {total} bytes, remote runs {sum(n for _, n in remote)}")
+    steps = [(address + off, view[off:off + step]) for address, view in local for off in range(0, len(view), step)]
+    _check_sizes(sum(len(view) for _, view in steps), remote)
+    # _pieces never lets a piece cross a local run, so each step's pieces add up to the step.
+    pieces = _pieces([(address, len(view)) for address, view in steps], remote)
     value = 0
-    rest = iter(remote)
-    r_addr = r_left = 0
-    for l_addr, view in local:
-        for off in range(0, len(view), step):
-            n = min(step, len(view) - off)
-            segments, need = [], n
-            while need:
-                if not r_left:
-                    r_addr, r_left = next(rest)
-                k = min(need, r_left)
-                segments.append((r_addr, k))
-                r_addr, r_left, need = r_addr + k, r_left - k, need - k
-            read_into(pid, [(l_addr + off, n)], segments)
-            value = checksum(view[off:off + n], value)
+    for _, view in steps:
+        batch, need = [], len(view)
+        while need:
+            piece = next(pieces)
+            batch.append(piece)
+            need -= piece[2]
+        _read_pieces(pid, batch)
+        value = checksum(view, value)
     return value
