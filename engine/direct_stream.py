@@ -194,15 +194,19 @@ class DirectStream:
     that has arrived by then, so a router that falls behind writes fewer, larger chunks.
 
     If the replica cannot be reached at all (it died, or scaled down, since the last load
-    poll), the call goes through ``ray_call()`` instead, which Ray Serve routes to a live
-    replica of the pool, so nothing has been sent twice.
+    poll), or drops the connection before the call ended, ``on_down(error)`` is told (the
+    router marks the replica unhealthy at once). An unreachable replica's call then goes
+    through ``ray_call()`` if one is given, which Ray Serve routes to a live replica of the
+    pool, so nothing has been sent twice; without one, the step raises ``StreamBroken``.
     """
 
     def __init__(self, address: dict[str, Any], endpoint: str, body: dict[str, Any],
-                 ray_call: Optional[Callable[[], Any]] = None, connect_timeout_s: float = 2.0) -> None:
+                 ray_call: Optional[Callable[[], Any]] = None, connect_timeout_s: float = 2.0,
+                 on_down: Optional[Callable[[BaseException], None]] = None) -> None:
         self._address = address
         self._request = {"token": address["token"], "endpoint": endpoint, "body": body}
         self._ray_call = ray_call
+        self._on_down = on_down
         self._connect_timeout_s = connect_timeout_s
         self._conn: Optional[_FrameReader] = None
         self._ray_gen = None
@@ -233,8 +237,9 @@ class DirectStream:
             return batch
         if self._control is None:  # closed with no end frame: the replica died mid-call
             self._close()
-            raise StreamBroken(f"engine replica {self._address['host']}:{self._address['port']} closed the "
-                               f"stream: {conn.error!r}")
+            broken = StreamBroken(f"engine replica {self._where()} closed the stream: {conn.error!r}")
+            self._report_down(broken)
+            raise broken
         self._close()
         if self._control.get("end"):
             raise StopAsyncIteration
@@ -242,20 +247,34 @@ class DirectStream:
 
     async def _connect(self) -> None:
         if self._cancelled:
-            raise asyncio.CancelledError
+            raise StreamBroken("the call was cancelled")
         loop = asyncio.get_running_loop()
         try:
-            _, self._conn = await asyncio.wait_for(
+            _, conn = await asyncio.wait_for(
                 loop.create_connection(_FrameReader, self._address["host"], self._address["port"]),
                 self._connect_timeout_s)
-        except (OSError, asyncio.TimeoutError):
-            if self._ray_call is None:
-                raise
-            logger.info("engine replica %s:%s unreachable directly; calling it through Ray",
-                        self._address["host"], self._address["port"])
+        except (OSError, asyncio.TimeoutError) as e:
+            self._report_down(e)
+            if self._ray_call is None or self._cancelled:
+                raise StreamBroken(f"engine replica {self._where()} unreachable: {e!r}") from e
+            logger.info("engine replica %s unreachable directly; calling it through Ray", self._where())
             self._ray_gen = self._ray_call()
             return
-        self._conn.transport.write(encode_frame(self._request))
+        self._conn = conn
+        if self._cancelled:  # cancelled while connecting
+            conn.transport.abort()
+            raise StreamBroken("the call was cancelled")
+        conn.transport.write(encode_frame(self._request))
+
+    def _where(self) -> str:
+        return f"{self._address['host']}:{self._address['port']}"
+
+    def _report_down(self, error: BaseException) -> None:
+        if self._on_down is not None and not self._cancelled:
+            try:
+                self._on_down(error)
+            except Exception:  # noqa: BLE001 - a report must never break the call's own error path
+                logger.exception("on_down callback failed")
 
     def _close(self) -> None:
         if self._conn is not None and self._conn.transport is not None:

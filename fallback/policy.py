@@ -1,9 +1,10 @@
 """Which failures of the P/D path are served by monolithic fallback, and under what name.
 
-The action is always the same: send the untouched request to a healthy decode engine
-without ``kv_transfer_params``, so it runs a full local prefill (decode engines hold
-full weights). Before the first token this is invisible to the client apart from the
-``x-pdserve-path: fallback`` and ``x-pdserve-fallback-cause`` headers.
+The action is always the same: send the untouched request to a healthy engine without
+``kv_transfer_params``, so it runs a full local prefill (every engine holds full weights):
+a decode engine, or a prefill engine when the decode pool has none healthy. Before the
+first token this is invisible to the client apart from the ``x-pdserve-path: fallback``
+and ``x-pdserve-fallback-cause`` headers.
 """
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ import enum
 
 class FallbackCause(str, enum.Enum):
     NO_PREFILL_REPLICA = "no_prefill_replica"
+    # The decode pool has no healthy replica (its only one was killed, or its host is
+    # gone): the request runs whole on a healthy prefill engine instead of waiting for
+    # Ray Serve to bring a decode replica back. P/D resumes as soon as one is healthy.
+    NO_DECODE_REPLICA = "no_decode_replica"
     # The prefill leg raised or answered 5xx. A 4xx is the client's fault and is returned
     # as it is: a monolithic engine would reject the request the same way.
     PREFILL_ERROR = "prefill_error"
@@ -27,4 +32,7 @@ class FallbackCause(str, enum.Enum):
     KV_TRANSFER_FAILED = "kv_transfer_failed"
     # The pull outlived its deadline, which the router takes from the request's TTFT budget.
     KV_DEADLINE = "kv_transfer_deadline"
-
+    # The engine chosen to serve the request (a decode leg, or the whole request) refused or
+    # dropped its direct connection before the first token: the request runs whole on
+    # another healthy engine, and the replica is marked unhealthy at once.
+    REPLICA_LOST = "replica_lost"

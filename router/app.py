@@ -165,12 +165,21 @@ class RouterServer:
     small machine every hop a token takes costs CPU that the engines need."""
 
     async def __init__(self, config: dict[str, Any], prefill=None, decode=None, monolithic=None) -> None:
-        self.cfg = ClusterConfig.model_validate(config)
-        self.mode = self.cfg.mode
-        self.pools: dict[str, Pool] = {}
-        for name, handle in (("prefill", prefill), ("decode", decode), ("monolithic", monolithic)):
-            if handle is not None:
-                self.pools[name] = Pool(name, handle, direct_streams=self.cfg.router.token_stream == "direct")
+        cfg = ClusterConfig.model_validate(config)
+        direct = cfg.router.token_stream == "direct"
+        handles = (("prefill", prefill), ("decode", decode), ("monolithic", monolithic))
+        self._setup(cfg, {name: Pool(name, h, direct_streams=direct) for name, h in handles if h is not None})
+        sock = bind_http_socket(self.cfg.router.host, self.cfg.router.port)
+        self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+        await self._refresh()
+        self._http = asyncio.get_running_loop().create_task(
+            serve_http(build_http_app(self), sock))
+
+    def _setup(self, cfg: ClusterConfig, pools: dict[str, Pool]) -> None:
+        """Everything but the HTTP socket and the load poller (tests build a router from this)."""
+        self.cfg = cfg
+        self.mode = cfg.mode
+        self.pools = pools
         self.prefill_pick = least_loaded()
         self.decode_pick = least_loaded(kv_headroom=self.cfg.router.decode_kv_headroom)
         model_path = resolve_model(self.cfg.model.path)
@@ -192,11 +201,6 @@ class RouterServer:
             BreakerSettings(fb.link_failure_threshold, fb.link_open_seconds, fb.link_half_open_probes),
             on_change=lambda p, d, state: self.metrics.link_state.labels(p, d).set(STATE_VALUE[state]))
         self.admin_key = resolve_admin_key(self.cfg)
-        sock = bind_http_socket(self.cfg.router.host, self.cfg.router.port)
-        self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
-        await self._refresh()
-        self._http = asyncio.get_running_loop().create_task(
-            serve_http(build_http_app(self), sock))
 
     async def check_health(self) -> None:
         if self._http.done():
@@ -335,6 +339,8 @@ class RouterServer:
             return JSONResponse(e.body(), status_code=e.status)
         except Rejection as r:
             return self._rejected(r, cls, endpoint)
+        if not any(pool.has_healthy() for pool in self.pools.values()):
+            return self._rejected(self._no_engine(), cls, endpoint)  # at once: waiting would not bring one
         try:
             ticket = await self.admission.admit(tenant, checked.body.get("model") or self.cfg.model.served_name,
                                                 checked.prompt_tokens, checked.max_tokens)
@@ -346,16 +352,19 @@ class RouterServer:
         handed_off = False
         try:
             if ticket.degraded_target == "prefill":
-                path, leg = "monolithic", self._whole_request_leg("prefill", endpoint, checked.body)
+                # whole on a prefill engine, so decode KV stays for Critical; on decode if none is healthy
+                path, leg = "monolithic", self._spare_leg(endpoint, checked.body, order=("prefill", "decode"))
             elif self.mode == "monolithic":
-                path, leg = "monolithic", self._whole_request_leg("monolithic", endpoint, checked.body)
+                path, leg = "monolithic", self._spare_leg(endpoint, checked.body, order=("monolithic",))
             elif self._ab_arm(request, checked, headers) == "monolithic":
-                # the A/B's monolithic arm: the whole request on one decode engine
-                path, leg = "monolithic", self._whole_request_leg("decode", endpoint, checked.body)
+                # the A/B's monolithic arm: the whole request on one decode engine (prefill if none is healthy)
+                path, leg = "monolithic", self._spare_leg(endpoint, checked.body, order=("decode", "prefill"))
             else:
                 path, leg, early = await self._pd_legs(endpoint, checked, headers, t0)
                 if early is not None:
                     return early
+            if leg is None:
+                return self._no_engine_response(endpoint, path, headers)
             response = await self._respond(endpoint, path, leg, checked, headers, ctx)
             handed_off = isinstance(response, StreamingResponse)
             return response
@@ -364,12 +373,30 @@ class RouterServer:
                 self.metrics.inflight.dec()
                 self._finish(ctx)
 
-    def _whole_request_leg(self, pool_name: str, endpoint: str, body: dict[str, Any]) -> "_Leg":
-        """One engine of ``pool_name`` serves the request whole (prefill and decode)."""
-        pool = self.pools[pool_name]
-        picker = self.prefill_pick if pool_name == "prefill" else self.decode_pick
-        pick = picker.pick(pool.candidates())
-        return _Leg(pool, pick.replica_id if pick else None, endpoint, body)
+    def _spare_leg(self, endpoint: str, body: dict[str, Any], gone: frozenset = frozenset(),
+                   order: tuple[str, ...] = ("decode", "monolithic", "prefill")) -> Optional["_Leg"]:
+        """One healthy engine serves ``body`` whole (every engine holds full weights): the
+        least-loaded replica, not in ``gone``, of the first pool in ``order`` that has one.
+        None if there is none: never a call to a pool with no healthy replica, which Ray
+        Serve would hold until it restarts one."""
+        for name in order:
+            pool = self.pools.get(name)
+            if pool is None:
+                continue
+            picker = self.prefill_pick if name == "prefill" else self.decode_pick
+            pick = picker.pick([c for c in pool.candidates() if c.replica_id not in gone])
+            if pick is not None:
+                return _Leg(pool, pick.replica_id, endpoint, body)
+        return None
+
+    def _no_engine(self) -> Rejection:
+        return Rejection(503, "no_healthy_engine", "no engine replica of this cluster is healthy right now; "
+                         "retry shortly", self.cfg.admission.retry_after_s)
+
+    def _no_engine_response(self, endpoint: str, path: str, headers: dict[str, str]) -> JSONResponse:
+        r = self._no_engine()
+        self.metrics.requests.labels(path, endpoint, "503").inc()
+        return JSONResponse(r.body(), status_code=503, headers={**headers, **r.headers()})
 
     def _ab_arm(self, request: Request, checked: CheckedRequest, headers: dict[str, str]) -> str:
         if self.split.fraction <= 0:
@@ -457,9 +484,11 @@ class RouterServer:
         if cause is not None:
             if link:
                 self.breakers.abandon(*link)  # not the link's fault: free a half-open probe slot
-            self.metrics.fallbacks.labels(cause.value).inc()
-            headers["x-pdserve-fallback-cause"] = cause.value
-            return "fallback", _Leg(decode, d_id, endpoint, checked.body), None
+            leg = self._fallback_leg(endpoint, checked.body, d_id, p.replica_id if p else None)
+            if leg is not None:
+                self.metrics.fallbacks.labels(cause.value).inc()
+                headers["x-pdserve-fallback-cause"] = cause.value
+            return "fallback", leg, None
         # The transfer's deadline comes out of the TTFT budget that the prefill leg left.
         budget = self.cfg.slo.ttft_ms / 1000 - (time.perf_counter() - t0)
         fb = self.cfg.fallback
@@ -471,9 +500,20 @@ class RouterServer:
         leg.link = link
         return "pd", leg, None
 
+    def _fallback_leg(self, endpoint: str, body: dict[str, Any], d_id: Optional[str],
+                      failed_prefill: Optional[str]) -> Optional["_Leg"]:
+        """The whole request on the chosen decode replica while it is healthy, else on any
+        healthy engine but the prefill replica that just failed (None if there is none)."""
+        decode = self.pools["decode"]
+        if d_id and decode.is_healthy(d_id):
+            return _Leg(decode, d_id, endpoint, body)
+        return self._spare_leg(endpoint, body, gone=frozenset({failed_prefill}))
+
     def _pick_pair(self, prefill: Pool, decode: Pool):
         """(prefill, decode, None) for P/D, or a fallback cause. Links with an open breaker are skipped."""
         d_all = decode.candidates()
+        if not any(c.healthy for c in d_all):
+            return None, None, FallbackCause.NO_DECODE_REPLICA  # whole on a prefill engine, not a wait
         p_cands = prefill.candidates()
         if not any(c.healthy for c in p_cands):
             return None, self.decode_pick.pick(d_all), FallbackCause.NO_PREFILL_REPLICA
@@ -509,17 +549,48 @@ class RouterServer:
                 task.cancel()
                 leg.cancel()
 
+    async def _first_item(self, endpoint: str, path: str, leg: _Leg, checked: CheckedRequest,
+                          headers: dict[str, str]) -> tuple[str, _Leg, Optional[tuple]]:
+        """(path, leg, first item). A leg whose engine is lost before its first item (connection
+        refused or dropped) moves to another healthy engine, whole (fallback); raises when none is left."""
+        moves, limit = 0, self.cfg.fallback.max_stream_resumes
+        while True:
+            try:
+                with leg.pool.track(leg.replica_id):
+                    return path, leg, await asyncio.wait_for(leg.next_item(), self.cfg.router.request_timeout_s)
+            except ConnectionError as e:
+                leg.cancel()
+                spare = self._replan(leg, endpoint, checked, headers) if moves < limit else None
+                if spare is None:
+                    raise
+                logger.warning("%s replica %s lost before its first item (%r); serving the request on %s replica %s",
+                               leg.pool.name, leg.served_by or leg.replica_id, e, spare.pool.name, spare.replica_id)
+                path, leg, moves = "fallback", spare, moves + 1
+            except BaseException:
+                leg.cancel()
+                raise
+
+    def _replan(self, dead: _Leg, endpoint: str, checked: CheckedRequest, headers: dict[str, str]) -> Optional[_Leg]:
+        """The untouched request on another healthy engine, after ``dead``'s engine was lost."""
+        if dead.link is not None:
+            self.breakers.abandon(*dead.link)  # the engine died, not the link
+        spare = self._spare_leg(endpoint, checked.body, gone=frozenset({dead.replica_id, dead.served_by}))
+        if spare is not None:
+            cause = FallbackCause.REPLICA_LOST
+            self.metrics.fallbacks.labels(cause.value).inc()
+            headers["x-pdserve-fallback-cause"] = cause.value
+        return spare
+
     async def _respond(self, endpoint, path, leg: _Leg, checked: CheckedRequest, headers, ctx: _Ctx):
         t0 = ctx.t0
-        with leg.pool.track(leg.replica_id):
-            try:
-                first = await asyncio.wait_for(leg.next_item(), self.cfg.router.request_timeout_s)
-            except (Exception, asyncio.TimeoutError) as e:
-                leg.cancel()
-                logger.exception("engine call failed")
-                self.metrics.requests.labels(path, endpoint, "503").inc()
-                return JSONResponse(error_body(503, f"engine unavailable: {e!r}", "ServiceUnavailableError"),
-                                    status_code=503, headers=headers)
+        try:
+            path, leg, first = await self._first_item(endpoint, path, leg, checked, headers)
+        except (Exception, asyncio.TimeoutError) as e:
+            logger.warning("engine call failed: %r", e)
+            self.metrics.requests.labels(path, endpoint, "503").inc()
+            retry = self._no_engine().headers()
+            return JSONResponse(error_body(503, f"engine unavailable: {e!r}", "ServiceUnavailableError"),
+                                status_code=503, headers={**headers, **retry})
         if leg.served_by:
             headers[f"x-pdserve-{'decode' if leg.pool.name == 'decode' else 'engine'}-replica"] = leg.served_by
         path = self._settle_link(leg, path, first, headers)
@@ -547,18 +618,12 @@ class RouterServer:
 
     def _resume_leg(self, dead: "_Leg", tracker: StreamTracker, checked: CheckedRequest) -> Optional["_Leg"]:
         """A continuation of a broken stream on another healthy engine (decode pool first, then any)."""
-        gone = {dead.replica_id, dead.served_by}
-        for name in ("decode", "monolithic", "prefill"):
-            pool = self.pools.get(name)
-            if pool is None:
-                continue
-            pick = self.decode_pick.pick([c for c in pool.candidates() if c.replica_id not in gone])
-            if pick is not None:
-                logger.warning("resuming a stream on %s replica %s after %d tokens", name, pick.replica_id,
-                               len(tracker.sent_ids))
-                return _Leg(pool, pick.replica_id, "completions",
-                            tracker.continuation(checked.body, self.cfg.model.served_name))
-        return None
+        leg = self._spare_leg("completions", tracker.continuation(checked.body, self.cfg.model.served_name),
+                              gone=frozenset({dead.replica_id, dead.served_by}))
+        if leg is not None:
+            logger.warning("resuming a stream on %s replica %s after %d tokens", leg.pool.name, leg.replica_id,
+                           len(tracker.sent_ids))
+        return leg
 
     def _settle_link(self, leg: "_Leg", path: str, first: Optional[tuple], headers: dict[str, str]) -> str:
         """Feed the P/D link's breaker, and relabel a request whose KV transfer failed.

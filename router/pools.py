@@ -73,6 +73,17 @@ class Pool:
         st = self.replicas.get(replica_id)
         return st is not None and st.healthy
 
+    def has_healthy(self) -> bool:
+        return any(st.healthy for st in self.replicas.values())
+
+    def mark_down(self, replica_id: str, error: BaseException) -> None:
+        """A call could not reach the replica, or lost its connection: unhealthy now, so the
+        next requests pick another; its next answered load poll makes it healthy again."""
+        st = self.replicas.get(replica_id)
+        if st is not None and st.healthy:
+            st.healthy = False
+            logger.warning("%s replica %s marked unhealthy: its direct stream failed: %r", self.name, replica_id, error)
+
     def candidates(self) -> list[Candidate]:
         return [
             Candidate(
@@ -100,17 +111,17 @@ class Pool:
 
     def stream(self, replica_id: Optional[str], endpoint: str, body: dict[str, Any]) -> AsyncIterator[list]:
         """One engine call's item batches: over a direct connection to the replica when it
-        has reported one (engine/direct_stream.py), else as a Ray Serve streaming call."""
-        kwargs = {TARGET_KWARG: replica_id} if replica_id else {}
+        has reported one (engine/direct_stream.py), else as a Ray Serve streaming call.
 
-        def ray_call():
-            return self.handle.options(stream=True).generate.remote(endpoint, body, **kwargs)
-
+        A direct connection that is refused or dropped marks the replica unhealthy at once
+        and fails the call (``StreamBroken``); the router then serves it elsewhere. It is not
+        handed to Ray Serve, which would hold it until Ray restarts a replica of this pool."""
         st = self.replicas.get(replica_id) if replica_id else None
         address = st.load.get("stream") if st is not None and self.direct_streams else None
         if address:
-            return DirectStream(address, endpoint, body, ray_call=ray_call)
-        return ray_call()
+            return DirectStream(address, endpoint, body, on_down=lambda e: self.mark_down(replica_id, e))
+        kwargs = {TARGET_KWARG: replica_id} if replica_id else {}
+        return self.handle.options(stream=True).generate.remote(endpoint, body, **kwargs)
 
     def status(self) -> list[dict[str, Any]]:
         out = []
