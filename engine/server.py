@@ -111,6 +111,7 @@ class EngineServer:
         if self.cfg.device == "cpu":
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.engine.cpu_kv_cache_gib)
             confine_engine_to_cores(self.cores)
+            os.environ["PDSERVE_CPU_NO_AMX"] = "0" if self.cfg.engine.cpu_amx_attention else "1"
         if self.kv_port is not None:
             os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(self.kv_port)
             os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", node_ip())

