@@ -18,6 +18,13 @@ Wire format: frames of a 4-byte big-endian length and a UTF-8 JSON payload.
 
 The router cancels a call by closing the connection; the replica sees EOF and stops the
 call, which aborts the engine request (the same path as a cancelled Ray stream).
+
+A peer that vanishes without a FIN or a reset (its host partitioned or powered off) must
+not hold a connection until TCP gives up, which takes minutes: both ends run TCP keepalive
+and ``TCP_USER_TIMEOUT`` (``detect_dead_peer``), so the kernel fails the connection once
+data or keepalive probes go unacknowledged for ``DEAD_PEER_TIMEOUT_S``. The router then
+sees a broken stream, and the replica aborts the engine request of a router that is gone.
+A live peer acknowledges the probes, so a long quiet wait (a long prefill) is not cut.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import hmac
 import json
 import logging
 import secrets
+import socket
 import struct
 from typing import Any, AsyncIterator, Callable, Optional
 
@@ -36,6 +44,11 @@ _HEADER = struct.Struct(">I")
 MAX_REQUEST_BYTES = 64 << 20  # a request body (prompt) frame
 MAX_REPLY_BYTES = 256 << 20  # one batch of items (a long non-streamed answer fits)
 REQUEST_READ_TIMEOUT_S = 10.0
+# Dead-peer detection on both ends (Linux names; elsewhere keepalive only, at OS defaults).
+KEEPALIVE_IDLE_S = 2       # quiet seconds before the first keepalive probe
+KEEPALIVE_INTERVAL_S = 1   # between probes
+KEEPALIVE_COUNT = 3        # unanswered probes that end the connection
+DEAD_PEER_TIMEOUT_S = 5.0  # TCP_USER_TIMEOUT: unacknowledged data or probes this long end it
 
 ServeFn = Callable[[str, dict[str, Any]], AsyncIterator[list]]
 
@@ -46,6 +59,25 @@ class StreamBroken(ConnectionError):
 
 class RemoteCallError(RuntimeError):
     """The engine call raised inside the replica; the message is its repr."""
+
+
+def detect_dead_peer(sock) -> None:
+    """Keepalive and TCP_USER_TIMEOUT on one direct-stream socket (once per call, not per frame)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+                        ("TCP_KEEPCNT", KEEPALIVE_COUNT), ("TCP_USER_TIMEOUT", int(DEAD_PEER_TIMEOUT_S * 1000))):
+        option = getattr(socket, name, None)
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+def _tune(transport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            detect_dead_peer(sock)
+        except OSError as e:  # noqa: PERF203 - a socket that refuses the options still works
+            logger.warning("direct stream: cannot set dead-peer detection: %r", e)
 
 
 def encode_frame(payload: Any) -> bytes:
@@ -90,6 +122,7 @@ class StreamServer:
         self._server = None
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _tune(writer.transport)
         try:
             request = await asyncio.wait_for(read_frame(reader, MAX_REQUEST_BYTES), REQUEST_READ_TIMEOUT_S)
             token = request.get("token") if isinstance(request, dict) else None
@@ -102,7 +135,8 @@ class StreamServer:
             return
         self.active += 1
         pump = asyncio.create_task(self._pump(endpoint, body, writer))
-        hangup = asyncio.create_task(reader.read(1))  # EOF (or any byte): the router cancelled
+        # EOF or any byte: the router cancelled; an error (reset, or the dead-peer timeout): it is gone
+        hangup = asyncio.create_task(reader.read(1))
         try:
             await asyncio.wait({pump, hangup}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -110,6 +144,7 @@ class StreamServer:
                 pump.cancel()  # aborts the engine request through the generator's cleanup
                 await asyncio.gather(pump, return_exceptions=True)
             hangup.cancel()
+            await asyncio.gather(hangup, return_exceptions=True)
             writer.close()
             self.active -= 1
 
@@ -121,14 +156,14 @@ class StreamServer:
                 await writer.drain()
             writer.write(encode_frame({"end": True}))
             await writer.drain()
-        except ConnectionError:
-            pass  # the router went away; the generator's cleanup below aborts the request
         except Exception as e:  # noqa: BLE001 - reported to the router, like a failed Ray call
+            if isinstance(e, ConnectionError) or writer.is_closing():
+                return  # the router went away (or the dead-peer timeout fired); cleanup aborts the request
             logger.warning("direct stream call %s failed: %r", endpoint, e)
             try:
                 writer.write(encode_frame({"error": repr(e)}))
                 await writer.drain()
-            except ConnectionError:
+            except (ConnectionError, TimeoutError):
                 pass
         finally:
             await gen.aclose()
@@ -264,6 +299,7 @@ class DirectStream:
         if self._cancelled:  # cancelled while connecting
             conn.transport.abort()
             raise StreamBroken("the call was cancelled")
+        _tune(conn.transport)
         conn.transport.write(encode_frame(self._request))
 
     def _where(self) -> str:
@@ -284,4 +320,6 @@ class DirectStream:
         self._cancelled = True
         if self._ray_gen is not None:
             self._ray_gen.cancel()
-        self._close()
+        if self._conn is not None and self._conn.transport is not None:
+            # at once, without a flush: a read waiting on a silent peer ends now
+            self._conn.transport.abort()

@@ -32,7 +32,9 @@ class FallbackCause(str, enum.Enum):
     KV_TRANSFER_FAILED = "kv_transfer_failed"
     # The pull outlived its deadline, which the router takes from the request's TTFT budget.
     KV_DEADLINE = "kv_transfer_deadline"
-    # The engine chosen to serve the request (a decode leg, or the whole request) refused or
-    # dropped its direct connection before the first token: the request runs whole on
-    # another healthy engine, and the replica is marked unhealthy at once.
+    # The engine chosen to serve the request (a decode leg, or the whole request) was lost
+    # before the first item: it refused or dropped its direct connection (the replica is
+    # marked unhealthy at once), or its load polls marked it unhealthy while the router
+    # waited (a partitioned host sends nothing, not even a reset). The request runs whole
+    # on another healthy engine.
     REPLICA_LOST = "replica_lost"

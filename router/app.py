@@ -25,6 +25,7 @@ from pdserve.admission.fleet_gate import FleetState, kv_bytes_per_token
 from pdserve.admission.rejection import Rejection
 from pdserve.admission.tenants import TenantDirectory
 from pdserve.engine.config import ClusterConfig, resolve_admin_key
+from pdserve.engine.direct_stream import DirectStream
 from pdserve.engine.tiny_model import resolve_model
 from pdserve.fallback.breaker import STATE_VALUE, BreakerSettings, LinkBreakers
 from pdserve.fallback.policy import FallbackCause
@@ -81,8 +82,19 @@ def _model_kv_bytes_per_token(cfg: ClusterConfig, model_path: str) -> int:
     return kv_bytes_per_token(AutoConfig.from_pretrained(model_path).to_dict(), cfg.model.dtype)
 
 
+class LegLost(ConnectionError):
+    """The replica serving a leg was marked unhealthy while the router waited on it (its load
+    polls timed out: the process hangs, or its host is partitioned and sends nothing, not
+    even a reset). The leg is broken, like a stream cut: fallback before the first token,
+    mid-stream resume after it."""
+
+
 class _Leg:
-    """One engine call: its stream of items, the replica serving it, and cleanup."""
+    """One engine call: its stream of items, the replica serving it, and cleanup.
+
+    The pool watches the leg (``Pool.watch``): when its load polls mark the replica serving
+    it unhealthy, the pool calls ``lose()``, which ends the read the router is waiting on.
+    No timer or syscall per item: the check runs once per load poll, not per token."""
 
     def __init__(self, pool: Pool, replica_id: Optional[str], endpoint: str, body: dict[str, Any]):
         self.pool = pool
@@ -92,7 +104,22 @@ class _Leg:
         self.prefill_s: Optional[float] = None  # the P/D prefill leg that came before this decode leg
         self.kv_pull: Optional[dict[str, Any]] = None  # the decode engine's report of its KV pull
         self.link: Optional[tuple[str, str]] = None  # (prefill, decode) replicas of a P/D decode leg
+        self.lost: Optional[str] = None  # why the pool gave this leg up
+        self._wake: Optional[asyncio.Future] = None  # ends a Ray-streamed read on lose()
         self._buffer: list[tuple] = []
+        pool.watch(self)
+
+    def watched_replica(self) -> Optional[str]:
+        """The replica whose health decides this leg's: the one that answered, else the one asked."""
+        return self.served_by or self.replica_id
+
+    def lose(self, why: str) -> None:
+        """Give the leg up: the read waiting on it (or the next one) raises ``LegLost``."""
+        if self.lost is None:
+            self.lost = why
+            self.cancel()  # a direct stream's pending read ends as its connection is aborted
+            if self._wake is not None and not self._wake.done():
+                self._wake.set_result(None)
 
     async def next_item(self) -> Optional[tuple]:
         """The next response item, or None at the end of the stream; side items are kept on the leg."""
@@ -107,9 +134,28 @@ class _Leg:
                     continue
                 return item
             try:
-                self._buffer = list(await self.gen.__anext__())
+                self._buffer = list(await self._read())
             except StopAsyncIteration:
+                self.pool.unwatch(self)
                 return None
+            except Exception as e:
+                if self.lost is not None:
+                    raise LegLost(f"{self.pool.name} replica {self.watched_replica()} lost: {self.lost}") from e
+                raise
+
+    async def _read(self) -> list:
+        if self.lost is not None:
+            raise ConnectionAbortedError("leg given up")
+        if isinstance(self.gen, DirectStream):
+            return await self.gen.__anext__()  # lose() aborts the connection, which ends this read
+        # A Ray streaming call: Ray's cancel may wait on the lost replica, so race it against lose().
+        self._wake = asyncio.get_running_loop().create_future()
+        read = asyncio.ensure_future(self.gen.__anext__())
+        await asyncio.wait({read, self._wake}, return_when=asyncio.FIRST_COMPLETED)
+        if not read.done():
+            read.cancel()
+            raise ConnectionAbortedError("leg given up")
+        return read.result()
 
     def ready_chunks(self) -> list[str]:
         """SSE chunks that arrived with the last message, without waiting for more."""
@@ -118,6 +164,7 @@ class _Leg:
         return chunks
 
     def cancel(self) -> None:
+        self.pool.unwatch(self)
         try:
             self.gen.cancel()
         except Exception:
@@ -216,6 +263,7 @@ class RouterServer:
                 logger.warning("load poll of %s failed: %r", pool.name, e)
                 for st in pool.replicas.values():
                     st.healthy = False
+                pool.sweep()
             for st in pool.replicas.values():
                 self.metrics.replica_kv.labels(pool.name, st.replica_id).set(st.load.get("kv_cache_usage", 0.0))
                 self.metrics.replica_running.labels(pool.name, st.replica_id).set(st.load.get("running", 0))
@@ -541,6 +589,8 @@ class RouterServer:
                     return task.result(), None
                 if not pool.is_healthy(replica_id):
                     return None, FallbackCause.PREFILL_REPLICA_LOST
+        except LegLost:
+            return None, FallbackCause.PREFILL_REPLICA_LOST
         except Exception as e:
             logger.warning("prefill leg on %s failed: %r", replica_id, e)
             return None, FallbackCause.PREFILL_ERROR

@@ -4,9 +4,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional, Protocol
 
 from pdserve.engine.direct_stream import DirectStream
 from pdserve.router.selection import Candidate
@@ -25,6 +26,14 @@ class ReplicaState:
     failures: int = 0
 
 
+class LegWatcher(Protocol):
+    """An engine call the pool gives up when the replica serving it turns unhealthy."""
+
+    def watched_replica(self) -> Optional[str]: ...
+
+    def lose(self, why: str) -> None: ...
+
+
 class Pool:
     # A replica is marked unhealthy on a failed load call, or after this many load
     # calls in a row that time out (a busy replica may answer one late).
@@ -38,6 +47,7 @@ class Pool:
         self.poll_timeout_s = poll_timeout_s
         self.replicas: dict[str, ReplicaState] = {}
         self.last_error: Optional[str] = None
+        self._legs: "weakref.WeakSet[LegWatcher]" = weakref.WeakSet()
 
     async def refresh(self) -> None:
         view = POOL_VIEWS.get(self.deployment)
@@ -68,6 +78,7 @@ class Pool:
                 st.healthy = True
                 st.failures = 0
                 st.last_ok = now
+        self.sweep()
 
     def is_healthy(self, replica_id: str) -> bool:
         st = self.replicas.get(replica_id)
@@ -83,6 +94,23 @@ class Pool:
         if st is not None and st.healthy:
             st.healthy = False
             logger.warning("%s replica %s marked unhealthy: its direct stream failed: %r", self.name, replica_id, error)
+
+    def watch(self, leg: LegWatcher) -> None:
+        self._legs.add(leg)
+
+    def unwatch(self, leg: LegWatcher) -> None:
+        self._legs.discard(leg)
+
+    def sweep(self) -> None:
+        """Gives up every watched call whose replica is marked unhealthy, so none waits on a
+        silent peer until TCP gives up. Runs when health changes (each load poll, each
+        failed connection), never per token. A replica that left the pool's view is not
+        swept: Ray Serve may be draining it (scale-down), and its calls end on their own."""
+        for leg in list(self._legs):
+            st = self.replicas.get(leg.watched_replica() or "")
+            if st is not None and not st.healthy:
+                self._legs.discard(leg)
+                leg.lose(f"{self.name} replica {st.replica_id} is unhealthy (failed load polls or connection)")
 
     def candidates(self) -> list[Candidate]:
         return [

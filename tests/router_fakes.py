@@ -57,16 +57,58 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
+class FakeHandle:
+    """What a Pool calls on its Ray Serve handle for load polls: each replica's ``load()``,
+    or nothing at all from a replica the test has silenced (its host is partitioned)."""
+
+    def __init__(self, name: str, cluster: "FakeCluster") -> None:
+        self.deployment_name = name
+        self.load = SimpleNamespace(remote=lambda replica=None: cluster.load_of(replica))
+
+
+class FakeView:
+    """The TargetedRequestRouter view a Pool lists live replicas from."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+
+    def live_replica_ids(self) -> list[str]:
+        return list(self.pool.replicas)
+
+
 class FakeCluster:
-    """Pools of fake engines behind a RouterServer built without its socket or poller."""
+    """Pools of fake engines behind a RouterServer built without its socket or poller.
+
+    ``poll()`` runs one round of the router's own load polls (RouterServer._refresh), with a
+    short poll timeout, so a test can walk a replica to unhealthy the way a real poller does."""
 
     def __init__(self, mode: str = "pd", **cfg_updates: Any) -> None:
         self.cfg = stub_cluster_config(mode, stub_replicas=2)
         if cfg_updates:
             self.cfg = self.cfg.model_copy(update=cfg_updates)
         self.engines: dict[str, FakeEngine] = {}
-        self.pools = {name: Pool(name, SimpleNamespace(deployment_name=name)) for name in self.cfg.pools()}
+        self.silent: set[str] = set()
+        self.pools = {name: Pool(name, FakeHandle(name, self), poll_timeout_s=0.05) for name in self.cfg.pools()}
         self.router: Optional[RouterServer] = None
+
+    async def load_of(self, replica_id: str) -> dict[str, Any]:
+        if replica_id in self.silent or replica_id not in self.engines:
+            await asyncio.sleep(3600)
+        return self.engines[replica_id].load()
+
+    async def poll(self) -> None:
+        from pdserve.router.targeting import POOL_VIEWS
+
+        saved = {name: POOL_VIEWS.get(name) for name in self.pools}
+        POOL_VIEWS.update({name: FakeView(pool) for name, pool in self.pools.items()})
+        try:
+            await (self.router or self.build())._refresh()
+        finally:
+            for name, view in saved.items():
+                if view is None:
+                    POOL_VIEWS.pop(name, None)
+                else:
+                    POOL_VIEWS[name] = view
 
     async def add(self, pool: str, engine: FakeEngine) -> FakeEngine:
         await engine.start_streams("127.0.0.1")
