@@ -62,13 +62,21 @@ def _cmd_status(args) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
+    _print_status(status)
+    return 0
+
+
+def _print_status(status: dict) -> None:
+    """The human-readable status: pools, replicas, and the chaos faults active on any of them."""
     print(f"cluster {status['name']}  mode={status['mode']}  transport={status['transport']}")
     for pool, replicas in status["pools"].items():
         print(f"  pool {pool}: {len(replicas)} replica(s)")
         for r in replicas:
             print(f"    {r['replica']:<12} healthy={r['healthy']!s:<5} running={r['running']} waiting={r['waiting']} "
                   f"kv={r['kv_cache_usage'] or 0:.3f} inflight={r['inflight']} cores={r['cores']} pid={r['pid']}")
-    return 0
+            if r.get("faults"):
+                faults = " ".join(f"{k}={v}" for k, v in sorted(r["faults"].items()))
+                print(f"      ACTIVE FAULTS: {faults}  (pdserve chaos heal-links clears them)")
 
 
 def _cmd_demo(args) -> int:

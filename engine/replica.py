@@ -65,7 +65,7 @@ class EngineReplica:
         self.replica_id = ctx.replica_id.unique_id
         rank = ctx.rank
         local_rank = getattr(rank, "local_rank", rank if isinstance(rank, int) else 0)
-        self.server = EngineServer(self.cfg, self.role, int(local_rank))
+        self.server = EngineServer(self.cfg, self.role, int(local_rank), run_id=self.replica_id)
         scaling = self.cfg.pools()[self.role].autoscaling
         self.meter = LittleMeter(scaling.window_s if scaling else 10.0)
         await self.server.start()

@@ -21,7 +21,7 @@ from pdserve.engine.config import ClusterConfig
 from pdserve.engine.errors import error_body, validation_message
 from pdserve.engine.stats import LoadTracker, stat_logger_factory
 from pdserve.engine.tiny_model import resolve_model
-from pdserve.kv_transfer.faults import FaultSwitch, fault_file_path, write_faults
+from pdserve.kv_transfer.faults import FaultSwitch, fault_file_path, remove_faults, write_faults
 
 logger = logging.getLogger("pdserve.engine")
 
@@ -53,7 +53,10 @@ def side_channel_port(cfg: ClusterConfig, role: Role, index: int) -> int:
 
 
 class EngineServer:
-    def __init__(self, cfg: ClusterConfig, role: Role, index: int) -> None:
+    """``run_id`` names this run of the engine (a replica passes its Ray Serve replica id):
+    its fault switch belongs to that run alone (kv_transfer/faults.py)."""
+
+    def __init__(self, cfg: ClusterConfig, role: Role, index: int, *, run_id: str) -> None:
         self.cfg = cfg
         self.role = role
         self.index = index
@@ -66,7 +69,8 @@ class EngineServer:
             pool = cfg.pools()[role]
             self.cores = pool.cores_for(index)
         self.kv_port = side_channel_port(cfg, role, index) if role != "monolithic" else None
-        self.fault_file = fault_file_path(cfg.name, role, index) if role != "monolithic" else None
+        self.fault_file = fault_file_path(cfg.name, role, index, run_id) if role != "monolithic" else None
+        self._faults = FaultSwitch(self.fault_file)
 
     # ------------------------------------------------------------------ start-up
     def _engine_args(self):
@@ -117,6 +121,7 @@ class EngineServer:
             os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", node_ip())
 
     async def start(self) -> None:
+        remove_faults(self.fault_file)  # no run starts with faults; only this run's chaos calls set them
         self._set_env()
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -142,6 +147,7 @@ class EngineServer:
         self._completion = state.openai_serving_completion
 
     async def shutdown(self) -> None:
+        remove_faults(self.fault_file)
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
@@ -203,6 +209,9 @@ class EngineServer:
     def load(self) -> dict[str, Any]:
         report = self.tracker.snapshot().to_dict()
         report.update(role=self.role, index=self.index, cores=self.cores, kv_port=self.kv_port, pid=os.getpid())
+        faults = self._faults.current().active()  # one stat() per load poll
+        if faults:
+            report["faults"] = faults
         return report
 
     def set_kv_faults(self, spec: dict[str, Any] | None) -> dict[str, Any]:
@@ -213,7 +222,7 @@ class EngineServer:
         return {"role": self.role, "index": self.index, "faults": parsed.__dict__}
 
     def kv_faults(self) -> dict[str, Any]:
-        current = FaultSwitch(self.fault_file).current() if self.fault_file else None
+        current = self._faults.current() if self.fault_file else None
         return {"role": self.role, "index": self.index, "faults": current.__dict__ if current else None}
 
     async def check_health(self) -> None:

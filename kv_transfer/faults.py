@@ -9,15 +9,24 @@ Spec keys (all optional): ``kill_links`` (bool: refuse every transfer), ``fail``
 after its checksum was taken), ``delay_s`` with ``delay_fraction`` (default 1.0),
 ``force_inline`` (bool, gRPC only: a same-host puller gets the bytes in the stream, as
 across hosts, instead of by reference).
+
+Faults belong to one replica's run, never to whatever starts next from the same config:
+the file lives in this user's private folder (``fault_dir``), its name carries the run id
+of the replica that owns it (its Ray Serve replica id), and the engine removes it when it
+starts and when it shuts down. A cluster stopped after ``pdserve chaos kill-links`` and
+started again therefore starts healthy.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
+import stat
+import tempfile
 import threading
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, Optional
 
 _KEYS = {"kill_links", "fail", "corrupt", "delay_s", "delay_fraction", "force_inline"}
 
@@ -48,23 +57,70 @@ class FaultSpec:
     def is_empty(self) -> bool:
         return self == FaultSpec()
 
+    def active(self) -> dict[str, Any]:
+        """The faults that differ from none, e.g. ``{"kill_links": True}`` (empty: no faults)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
 
-def fault_file_path(cluster_name: str, role: str, index: int) -> str:
-    """Where the fault switch of one engine lives on its node."""
-    import tempfile
 
-    return os.path.join(tempfile.gettempdir(), "pdserve-faults", f"{cluster_name}-{role}-{index}.json")
+def fault_dir() -> str:
+    """This user's private folder of fault switches on this node, created 0700:
+    ``$XDG_RUNTIME_DIR/pdserve-faults`` where that is set, else
+    ``<tempdir>/pdserve-faults-<uid>``. Refuses a folder someone else could plant files in."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        path = os.path.join(runtime, "pdserve-faults")
+    else:
+        path = os.path.join(tempfile.gettempdir(), f"pdserve-faults-{os.getuid()}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    check_private_dir(path)
+    return path
+
+
+def check_private_dir(path: str) -> None:
+    """Raises PermissionError unless ``path`` is a real directory of this user that nobody else may write."""
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise PermissionError(f"pdserve fault directory {path} is not a directory (a symlink or a file); "
+                              "remove it, or set XDG_RUNTIME_DIR to a private folder")
+    if st.st_uid != os.getuid():
+        raise PermissionError(f"pdserve fault directory {path} belongs to uid {st.st_uid}, not to this user "
+                              f"(uid {os.getuid()}): another user could inject faults; remove it, or set "
+                              "XDG_RUNTIME_DIR to a private folder")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(f"pdserve fault directory {path} is group- or world-writable "
+                              f"(mode {stat.S_IMODE(st.st_mode):o}): run chmod 700 on it, or remove it")
+
+
+def _name_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(text))
+
+
+def fault_file_path(cluster_name: str, role: str, index: int, run_id: str, folder: Optional[str] = None) -> str:
+    """Where the fault switch of one engine's run lives on its node (``folder``: ``fault_dir()``)."""
+    if not run_id:
+        raise ValueError("a fault file needs the run id of the replica that owns it")
+    name = "-".join(_name_part(p) for p in (cluster_name, role, index, run_id))
+    return os.path.join(folder or fault_dir(), f"{name}.json")
+
+
+def remove_faults(path: Optional[str]) -> None:
+    """Deletes a fault file, if there is one."""
+    if path:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
 
 
 def write_faults(path: str, spec: dict[str, Any] | None) -> FaultSpec:
     """Validates ``spec`` and makes it the current faults at ``path`` (None clears them)."""
     parsed = FaultSpec.from_dict(spec or {})
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
     if parsed.is_empty():
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
+        remove_faults(path)
         return parsed
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:

@@ -160,6 +160,6 @@ class Pool:
                                                 "kv_failure_kinds", "kv_checksum_failures_total",
                                                 "kv_expired_total", "kv_same_host_transfers_total",
                                                 "external_hit_tokens_total",
-                                                "preemptions_total")}
+                                                "preemptions_total", "faults")}
             out.append({"replica": st.replica_id, "healthy": st.healthy, "inflight": st.inflight, **load})
         return out
