@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from typing import Any, AsyncIterator, Literal, Optional
 
 from pdserve.engine.config import ClusterConfig
@@ -53,10 +54,12 @@ def side_channel_port(cfg: ClusterConfig, role: Role, index: int) -> int:
 
 
 class EngineServer:
-    """``run_id`` names this run of the engine (a replica passes its Ray Serve replica id):
-    its fault switch belongs to that run alone (kv_transfer/faults.py)."""
+    """``run_id`` names this run of the engine (a replica passes its Ray Serve replica id;
+    default: a fresh random id): its fault switch belongs to that run alone
+    (kv_transfer/faults.py)."""
 
-    def __init__(self, cfg: ClusterConfig, role: Role, index: int, *, run_id: str) -> None:
+    def __init__(self, cfg: ClusterConfig, role: Role, index: int, *, run_id: Optional[str] = None) -> None:
+        run_id = run_id or f"{os.getpid()}-{secrets.token_hex(4)}"
         self.cfg = cfg
         self.role = role
         self.index = index

@@ -154,3 +154,12 @@ def test_pdserve_status_prints_active_faults_per_replica(capsys):
     at = next(i for i, line in enumerate(lines) if line.strip().startswith("p0"))
     assert "ACTIVE FAULTS: kill_links=True" in lines[at + 1]
     assert out.count("ACTIVE FAULTS") == 1  # d0 has none
+
+
+def test_every_engine_run_gets_its_own_fault_file_without_a_given_run_id(runtime_dir):
+    from pdserve.engine.server import EngineServer
+
+    cfg = stub_cluster_config("pd", stub_replicas=1)
+    first, second = EngineServer(cfg, "prefill", 0), EngineServer(cfg, "prefill", 0)
+    assert first.fault_file != second.fault_file
+    assert os.path.dirname(first.fault_file) == fault_dir()
