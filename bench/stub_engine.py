@@ -317,6 +317,6 @@ class InstantStubReplica(InstantStubEngine):
 
     async def __init__(self, role: str, settings: Optional[dict[str, Any]] = None) -> None:
         super().__init__(role, settings)
-        from pdserve.engine.server import node_ip
+        from pdserve.engine.server import advertised_address
 
-        await self.start_streams(node_ip())
+        await self.start_streams(advertised_address())

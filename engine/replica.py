@@ -16,7 +16,7 @@ from ray import serve
 from pdserve.engine.config import ClusterConfig
 from pdserve.engine.direct_stream import StreamServer
 from pdserve.engine.little_meter import LittleMeter
-from pdserve.engine.server import EngineServer, Role, node_ip
+from pdserve.engine.server import EngineServer, Role, advertised_address
 
 logger = logging.getLogger("pdserve.replica")
 
@@ -61,16 +61,18 @@ class EngineReplica:
 
     async def __init__(self, config: dict[str, Any]) -> None:
         self.cfg = ClusterConfig.model_validate(config)
+        # Before the engine loads: an address other hosts cannot reach fails the replica now.
+        host = advertised_address()
         ctx = serve.get_replica_context()
         self.replica_id = ctx.replica_id.unique_id
         rank = ctx.rank
         local_rank = getattr(rank, "local_rank", rank if isinstance(rank, int) else 0)
-        self.server = EngineServer(self.cfg, self.role, int(local_rank), run_id=self.replica_id)
+        self.server = EngineServer(self.cfg, self.role, int(local_rank), run_id=self.replica_id, host=host)
         scaling = self.cfg.pools()[self.role].autoscaling
         self.meter = LittleMeter(scaling.window_s if scaling else 10.0)
         await self.server.start()
         # The router reads each call's items over this connection; Ray carries the control plane.
-        self.streams = StreamServer(self.generate, node_ip())
+        self.streams = StreamServer(self.generate, host)
         await self.streams.start()
 
     async def generate(self, endpoint: str, body: dict[str, Any], replica: Optional[str] = None) -> AsyncIterator[list]:

@@ -13,9 +13,11 @@ Formatting, validation and chat templating are vLLM's (``OpenAIServingChat`` /
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import secrets
+import socket
 from typing import Any, AsyncIterator, Literal, Optional
 
 from pdserve.engine.config import ClusterConfig
@@ -56,11 +58,15 @@ def side_channel_port(cfg: ClusterConfig, role: Role, index: int) -> int:
 class EngineServer:
     """``run_id`` names this run of the engine (a replica passes its Ray Serve replica id;
     default: a fresh random id): its fault switch belongs to that run alone
-    (kv_transfer/faults.py)."""
+    (kv_transfer/faults.py). ``host`` is the address other engines reach this one at (its
+    NIXL side channel, its gRPC KV endpoint): a replica passes ``advertised_address()``;
+    the default, loopback, is for an engine run on its own, without Ray, on one host."""
 
-    def __init__(self, cfg: ClusterConfig, role: Role, index: int, *, run_id: Optional[str] = None) -> None:
+    def __init__(self, cfg: ClusterConfig, role: Role, index: int, *, run_id: Optional[str] = None,
+                 host: str = "127.0.0.1") -> None:
         run_id = run_id or f"{os.getpid()}-{secrets.token_hex(4)}"
         self.cfg = cfg
+        self.host = host
         self.role = role
         self.index = index
         self.tracker = LoadTracker()
@@ -89,7 +95,7 @@ class EngineServer:
             from pdserve.kv_transfer.registry import kv_transfer_config_for
 
             kv_config = KVTransferConfig(**kv_transfer_config_for(
-                cfg, self.role, port=self.kv_port, host=node_ip(), fault_file=self.fault_file))
+                cfg, self.role, port=self.kv_port, host=self.host, fault_file=self.fault_file))
         return AsyncEngineArgs(
             model=model_path,
             tokenizer=model_path,
@@ -121,7 +127,7 @@ class EngineServer:
             os.environ["PDSERVE_CPU_NO_AMX"] = "0" if self.cfg.engine.cpu_amx_attention else "1"
         if self.kv_port is not None:
             os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(self.kv_port)
-            os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", node_ip())
+            os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", self.host)
 
     async def start(self) -> None:
         remove_faults(self.fault_file)  # no run starts with faults; only this run's chaos calls set them
@@ -234,12 +240,40 @@ class EngineServer:
         await self.engine.check_health()
 
 
-def node_ip() -> str:
-    try:
-        import ray
+def advertised_address() -> str:
+    """The address this replica advertises to other hosts (direct token stream, NIXL side
+    channel, gRPC KV endpoint): Ray's IP for the node it runs on.
 
-        if ray.is_initialized():
-            return ray.util.get_node_ip_address()
-    except Exception:
-        pass
-    return "127.0.0.1"
+    Raises, so the replica fails at startup with a message instead of handing other hosts an
+    address that leads nowhere, when Ray has no node IP for it, or when that IP is loopback
+    while the Ray cluster has more than one node (peers on other hosts would dial
+    themselves). A single-node cluster on loopback is fine: every peer is on that node."""
+    import ray
+
+    node = socket.gethostname()
+    fix = "start Ray on that host with --node-ip-address <an address the other hosts reach it at>"
+    try:
+        if not ray.is_initialized():
+            raise RuntimeError("Ray is not initialized in this process")
+        ip = ray.util.get_node_ip_address()
+        if not ip:
+            raise RuntimeError("Ray gives no node IP")
+    except Exception as e:  # noqa: BLE001 - any failure means the same: no address to advertise
+        raise RuntimeError(f"replica on node {node} has no routable address ({e}); {fix}") from e
+    if _is_loopback(ip):
+        try:
+            alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+        except Exception as e:  # noqa: BLE001
+            raise RuntimeError(f"replica on node {node} has the loopback address {ip} and the Ray cluster's "
+                               f"nodes cannot be counted ({e!r}); {fix}") from e
+        if alive > 1:
+            raise RuntimeError(f"replica on node {node} has no routable address: Ray's node IP is the loopback "
+                               f"address {ip} while the Ray cluster has {alive} nodes; {fix}")
+    return ip
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
