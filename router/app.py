@@ -100,6 +100,7 @@ class _Leg:
         self.pool = pool
         self.replica_id = replica_id
         self.gen = pool.stream(replica_id, endpoint, body)
+        self._direct = isinstance(self.gen, DirectStream)
         self.served_by: Optional[str] = None
         self.prefill_s: Optional[float] = None  # the P/D prefill leg that came before this decode leg
         self.kv_pull: Optional[dict[str, Any]] = None  # the decode engine's report of its KV pull
@@ -134,7 +135,11 @@ class _Leg:
                     continue
                 return item
             try:
-                self._buffer = list(await self._read())
+                if self._direct and self.lost is None:
+                    batch = await self.gen.__anext__()  # lose() aborts the connection, which ends this read
+                else:
+                    batch = await self._read_raced()
+                self._buffer = list(batch)
             except StopAsyncIteration:
                 self.pool.unwatch(self)
                 return None
@@ -143,17 +148,20 @@ class _Leg:
                     raise LegLost(f"{self.pool.name} replica {self.watched_replica()} lost: {self.lost}") from e
                 raise
 
-    async def _read(self) -> list:
+    async def _read_raced(self) -> list:
+        """A read of a leg given up, or of a Ray streaming call: Ray's cancel may wait on the
+        lost replica, so the read is raced against lose()."""
         if self.lost is not None:
             raise ConnectionAbortedError("leg given up")
-        if isinstance(self.gen, DirectStream):
-            return await self.gen.__anext__()  # lose() aborts the connection, which ends this read
-        # A Ray streaming call: Ray's cancel may wait on the lost replica, so race it against lose().
         self._wake = asyncio.get_running_loop().create_future()
         read = asyncio.ensure_future(self.gen.__anext__())
-        await asyncio.wait({read, self._wake}, return_when=asyncio.FIRST_COMPLETED)
-        if not read.done():
-            read.cancel()
+        try:
+            await asyncio.wait({read, self._wake}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            pending = not read.done()
+            if pending:
+                read.cancel()
+        if pending:
             raise ConnectionAbortedError("leg given up")
         return read.result()
 

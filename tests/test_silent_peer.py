@@ -205,3 +205,46 @@ def test_the_replica_aborts_the_call_when_its_router_connection_errors():
         return srv.active
 
     assert run(main()) == 0 and aborted == [True]
+
+
+def test_a_ray_streamed_leg_is_given_up_too():
+    """token_stream: ray. Ray's own cancel may wait on the lost replica, so the read is raced."""
+    from types import SimpleNamespace
+
+    from pdserve.router.app import LegLost, _Leg
+    from pdserve.router.pools import Pool, ReplicaState
+
+    class RayCall:
+        def __init__(self):
+            self.sent = False
+            self.cancelled = False
+
+        async def __anext__(self):
+            if not self.sent:
+                self.sent = True
+                return [("meta", {"replica": "d0"}), ("sse", "data: one\n\n")]
+            await asyncio.sleep(3600)  # the replica's host went silent
+
+        def cancel(self):
+            self.cancelled = True  # and Ray's cancel does not end the read
+
+    call = RayCall()
+    handle = SimpleNamespace(deployment_name="decode",
+                             options=lambda **kw: SimpleNamespace(generate=SimpleNamespace(
+                                 remote=lambda *a, **k: call)))
+    pool = Pool("decode", handle, direct_streams=False)
+    pool.replicas["d0"] = ReplicaState("d0")
+
+    async def main():
+        leg = _Leg(pool, "d0", "chat", {})
+        first = await leg.next_item()
+        read = asyncio.create_task(leg.next_item())
+        await asyncio.sleep(0.05)
+        assert not read.done()
+        pool.replicas["d0"].healthy = False
+        pool.sweep()
+        with pytest.raises(LegLost):
+            await read
+        return first
+
+    assert run(main()) == ("sse", "data: one\n\n") and call.cancelled
