@@ -24,6 +24,10 @@ def _cmd_model(args) -> int:
 def _cmd_serve(args) -> int:
     from pdserve.engine.config import load_config
 
+    if args.detach and not args.address:
+        print("pdserve serve: --detach needs --address (a local Ray cluster stops with this command)",
+              file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config)
     except Exception as e:
@@ -32,6 +36,11 @@ def _cmd_serve(args) -> int:
     from pdserve.cluster.runtime import start_cluster, stop_cluster
 
     url = start_cluster(cfg, port=args.port, address=args.address)
+    if args.detach:
+        # Ray Serve's controller outlives this driver: the application keeps serving.
+        print(f"pdserve: {cfg.mode} cluster {cfg.name!r} deployed on {url}; it runs until its Ray cluster "
+              "stops or `serve shutdown`", flush=True)
+        return 0
     # Installed after ray.init, which sets handlers of its own.
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -93,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--config", required=True)
     s.add_argument("--port", type=int, default=None)
     s.add_argument("--address", default=None, help="join an existing Ray cluster (default: start a local one)")
+    s.add_argument("--detach", action="store_true",
+                   help="with --address: deploy, wait until healthy, and exit, leaving the application serving")
     s.set_defaults(fn=_cmd_serve)
 
     d = sub.add_parser("demo", help="start a cluster, send a streamed and a non-streamed chat with the openai client")
@@ -109,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     st.set_defaults(fn=_cmd_status)
 
     from pdserve.bench import ab, bench_cli
-    from pdserve.cluster import admin_cli, chaos_cli
+    from pdserve.cluster import admin_cli, chaos_cli, lab_cli
     from pdserve.planner import cli as plan_cli
 
     chaos_cli.add_parser(sub)
@@ -117,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_cli.add_parser(sub)
     ab.add_parser(sub)
     admin_cli.add_parser(sub)
+    lab_cli.add_parser(sub)
 
     m = sub.add_parser("model", help="write a built-in model directory")
     m.add_argument("name", help="built-in model name (tiny, tiny-wide)")

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pdserve.engine.policy_config import CLASSES, AdmissionSpec, AuthSpec, ClassSLO, LadderSpec
+from pdserve.lab.spec import LabSpec
 
 
 class _Strict(BaseModel):
@@ -311,6 +312,24 @@ class ClusterConfig(_Strict):
     admission: AdmissionSpec = Field(default_factory=AdmissionSpec)
     ladder: LadderSpec = Field(default_factory=LadderSpec)
     ab_split: ABSplitSpec = Field(default_factory=ABSplitSpec)
+    # Hosts for `pdserve lab up`: a multi-host cluster made on one Linux machine.
+    lab: Optional[LabSpec] = None
+
+    @model_validator(mode="after")
+    def _check_lab(self):
+        if self.lab is None:
+            return self
+        offered = self.lab.offered_resources()
+        wanted = {f"{n} pool": p.ray_resources for n, p in self.pools().items()}
+        wanted["router"] = self.router.ray_resources
+        for who, resources in wanted.items():
+            missing = sorted(set(resources) - offered)
+            if missing:
+                raise ValueError(f"lab: the {who} asks for Ray resources {missing} that no lab host offers")
+        if is_loopback(self.router.host):
+            raise ValueError("lab: router.host must not be loopback: clients reach the router on the head "
+                             "host's address (use 0.0.0.0)")
+        return self
 
     @model_validator(mode="after")
     def _check_ab_split(self):
