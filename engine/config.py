@@ -177,6 +177,12 @@ class GrpcTransportSpec(_Strict):
         return self
 
 
+class NixlTransportSpec(_Strict):
+    # A decode engine's READ still in flight after this long fails, and vLLM's failure policy
+    # runs (recompute): a partitioned link must not hold a request for UCX's TCP timeouts.
+    read_deadline_s: float = Field(10.0, gt=0)
+
+
 class KVTransferSpec(_Strict):
     transport: Literal["nixl", "grpc"] = "nixl"
     buffer_device: Literal["cpu", "cuda"] = "cpu"
@@ -190,6 +196,7 @@ class KVTransferSpec(_Strict):
     # would end the request with finish_reason "error".
     load_failure_policy: Literal["fail", "recompute"] = "recompute"
     grpc: GrpcTransportSpec = Field(default_factory=GrpcTransportSpec)
+    nixl: NixlTransportSpec = Field(default_factory=NixlTransportSpec)
 
 
 class RouterSpec(_Strict):

@@ -6,11 +6,16 @@ Behaviour is NIXL's own; two additions on the decode (puller) side:
   (``_handle_failed_transfer``), exactly as a transport error would;
 - every failed receive is reported with the prefill engine's request id, so the router
   can tell which request fell back (the gRPC connector does the same).
+- a READ still in flight after ``pdserve_read_deadline_s`` fails down the same path, its
+  handles released: UCX over TCP waits minutes on a peer behind a partition, and without a
+  deadline the decode request waited with it (the router's request timeout answered 503).
+
 Delays and corruption are gRPC-only faults: NIXL moves bytes in UCX, out of our reach.
 """
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConnector
@@ -26,6 +31,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("pdserve.kv_transfer")
 
 FAULT_FILE_KEY = "pdserve_fault_file"
+READ_DEADLINE_KEY = "pdserve_read_deadline_s"
 
 
 class _NixlStatsWithRequestIds(NixlKVConnectorStats):
@@ -96,12 +102,64 @@ class FaultableNixlConnector(NixlConnector):
             read_blocks_for_req(req_id, meta)
 
         def reporting_handle_failed_transfer(req_id, handle, failed_req_ids=None, record_failed_transfer=True):
+            # Every receive failure, reported once per request: injected, a failed handshake
+            # (passed NIXL's _recv_failures), or a failed or timed-out READ (passed the local set
+            # of _pop_done_transfers).
             meta = worker._recving_metadata.get(req_id)
-            if failed_req_ids is worker._recv_failures and meta is not None and meta.remote is not None:
+            kind = worker._pdserve_failure_kind.pop(req_id, "nixl")
+            if (failed_req_ids is not None and req_id not in failed_req_ids and req_id not in worker._recv_failures
+                    and meta is not None and meta.remote is not None):
                 data = worker.xfer_stats.data
                 data.setdefault("failed_request_id", []).append(meta.remote.request_id)
-                data.setdefault("failure_kind", []).append("nixl")
+                data.setdefault("failure_kind", []).append(kind)
+                if not record_failed_transfer:
+                    # NIXL leaves a failed handshake (or an expiry) out of its failure count, and
+                    # stats that count nothing are never sent: the report would be lost.
+                    worker.xfer_stats.record_failed_transfer()
             return handle_failed_transfer(req_id, handle, failed_req_ids, record_failed_transfer)
 
+        worker._pdserve_failure_kind = {}
         worker._read_blocks_for_req = faulty_read_blocks_for_req
         worker._handle_failed_transfer = reporting_handle_failed_transfer
+        deadline_s = float(extra.get(READ_DEADLINE_KEY) or 0)
+        if deadline_s > 0:
+            _add_read_deadline(worker, deadline_s)
+
+
+def _add_read_deadline(worker, deadline_s: float) -> None:
+    """Fail reads of the decode worker that outlive ``deadline_s`` (see the module docstring).
+
+    Reaches into NixlConnectorWorker's private ``_read_blocks_for_req``, ``_pop_done_transfers``,
+    ``_recving_transfers`` and ``_handle_failed_transfer`` (vllm 0.32.0).
+    """
+    started: dict[str, float] = {}
+    read_blocks_for_req = worker._read_blocks_for_req
+    pop_done_transfers = worker._pop_done_transfers
+
+    def timed_read_blocks_for_req(req_id, meta):
+        started.setdefault(req_id, time.monotonic())
+        read_blocks_for_req(req_id, meta)
+
+    def pop_done_transfers_with_deadline(transfers):
+        done, failed = pop_done_transfers(transfers)
+        if transfers is not worker._recving_transfers:
+            return done, failed
+        now = time.monotonic()
+        for req_id in list(transfers):
+            if now - started.get(req_id, now) <= deadline_s:
+                continue
+            logger.warning("NIXL read of %s still in flight after %.1fs: failed (deadline)", req_id, deadline_s)
+            worker._pdserve_failure_kind[req_id] = "deadline"
+            kept = [h for h in transfers[req_id] if not worker._handle_failed_transfer(req_id, h, failed)]
+            if kept:
+                transfers[req_id] = kept  # NIXL could not release them yet; tried again next step
+            else:
+                del transfers[req_id]
+                done.add(req_id)
+        for req_id in list(started):
+            if req_id not in transfers:
+                del started[req_id]
+        return done, failed
+
+    worker._read_blocks_for_req = timed_read_blocks_for_req
+    worker._pop_done_transfers = pop_done_transfers_with_deadline

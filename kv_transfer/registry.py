@@ -28,12 +28,13 @@ def kv_transfer_config_for(cfg: ClusterConfig, role: str, *, port: int, host: st
         "kv_load_failure_policy": kv.load_failure_policy,
     }
     if kv.transport == "nixl":
-        from pdserve.kv_transfer.nixl_faults import FAULT_FILE_KEY
+        from pdserve.kv_transfer.nixl_faults import FAULT_FILE_KEY, READ_DEADLINE_KEY
 
         return {**common, "kv_connector": "FaultableNixlConnector",
                 "kv_connector_module_path": "pdserve.kv_transfer.nixl_faults",
                 "kv_connector_extra_config": {"kv_lease_duration": kv.lease_seconds, "backends": ["UCX"],
-                                              FAULT_FILE_KEY: fault_file}}
+                                              FAULT_FILE_KEY: fault_file,
+                                              READ_DEADLINE_KEY: kv.nixl.read_deadline_s}}
     from pdserve.kv_transfer.grpc_settings import GrpcKVSettings
 
     g = kv.grpc
