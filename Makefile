@@ -25,8 +25,11 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/pdserve demo --config configs/cpu-pd.yaml $(DEMO_ARGS)
 
+# Two passes: the one-box suite (unit tests and one shared real cluster), then the multi-host
+# lab (`pdserve lab`: namespaces, a bridge, kernel faults; needs root, as in CI).
 test: setup
 	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m lab
 
 bench: setup
 	$(BIN)/python -m pdserve.bench.pd_vs_mono
