@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import httpx
@@ -97,3 +98,15 @@ def expected_kv_mode() -> str:
 
     allowed = scope == 0 or (scope in (1, 2) and cap_sys_ptrace)
     return "same-host" if allowed and same_host.supported() else "inline"
+
+
+def wait_for(predicate, timeout_s: float, what: str, every_s: float = 1.0) -> None:
+    """Poll ``predicate`` until it is true; fail the test naming ``what`` after ``timeout_s``."""
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(every_s)
+    pytest.fail(f"timed out after {timeout_s}s waiting for {what}")

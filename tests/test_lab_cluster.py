@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from helpers import chat_body, post, status, stream_chat
+from helpers import chat_body, post, status, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -35,6 +35,8 @@ LEASE_S = 8
 PROMPTS = [f"Lab prompt {i}: " + " ".join(["host", "link", "block", "stream"][(i + k) % 4] for k in range(6 + 7 * i))
            for i in range(12)]
 MAX_TOKENS = 8
+# Requests per chaos phase; PDSERVE_LAB_SCALE=N runs N times as many (the long run, see README).
+PER_PHASE = 25 * int(os.environ.get("PDSERVE_LAB_SCALE", "1"))
 
 
 @pytest.fixture(scope="module")
@@ -124,14 +126,6 @@ def _load(url: str, expected: dict, n: int, concurrency: int = 8, offset: int = 
     return paths
 
 
-def _wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-
 
 def _back_on_pd(url: str, expected: dict, timeout_s: float = 60) -> None:
     def pd():
@@ -139,7 +133,7 @@ def _back_on_pd(url: str, expected: dict, timeout_s: float = 60) -> None:
         assert res["code"] == 200 and res["tokens"] == expected[PROMPTS[0]], res
         return res["path"] == "pd"
 
-    _wait_for(pd, timeout_s, f"traffic back on P/D at {url}")
+    wait_for(pd, timeout_s, f"traffic back on P/D at {url}")
 
 
 def _decode_counters(url: str) -> tuple[int, int, int]:
@@ -186,20 +180,20 @@ def _monolithic_reference_one(url: str, prompt: str) -> list[int]:
 
 @pytest.mark.parametrize("transport", ["nixl", "grpc"])
 def test_chaos_partition_loss_delay_under_load(lab, transport):
-    """Partition prefill<->decode, heal, 30 % loss, heal, 200 ms delay, heal: 175 streamed requests,
-    8 at a time (the prefill-host kill, the last 25 of each transport's 200, runs below)."""
+    """Partition prefill<->decode, heal, 30 % loss, heal, 200 ms delay, heal: 7 phases of 25 streamed
+    requests, 8 at a time (the prefill-host kill, the last 25 of each transport's 200, runs below)."""
     from pdserve.lab.netfaults import LinkFault
 
     lab_, urls, expected = lab
     url, exp = urls[transport], expected[transport]
     paths = Counter()
-    paths += _load(url, exp, 25)
+    paths += _load(url, exp, PER_PHASE)
     phases = [("partition", LinkFault(down=True)), ("loss 30%", LinkFault(loss_pct=30)),
               ("delay 200ms", LinkFault(delay_ms=200))]
     for k, (what, fault) in enumerate(phases):
         lab_.fault("prefill", "decode", fault)
         try:
-            during = _load(url, exp, 25, offset=k)
+            during = _load(url, exp, PER_PHASE, offset=k)
             paths += during
             if what == "partition":
                 assert any(p == "fallback" for p, _ in during), during
@@ -208,11 +202,11 @@ def test_chaos_partition_loss_delay_under_load(lab, transport):
         finally:
             lab_.clear_faults("prefill", "decode")
         _back_on_pd(url, exp)
-        paths += _load(url, exp, 25, offset=k + 5)
+        paths += _load(url, exp, PER_PHASE, offset=k + 5)
     print(f"\n{transport}: paths under chaos: {dict(paths)}")
-    assert sum(paths.values()) == 175
+    assert sum(paths.values()) == 7 * PER_PHASE
     assert any(link["state"] == "closed" for link in status(url)["links"])
-    _wait_for(lambda: all(r["kv_cache_usage"] == 0.0 for r in status(url)["pools"]["prefill"]), LEASE_S + 30,
+    wait_for(lambda: all(r["kv_cache_usage"] == 0.0 for r in status(url)["pools"]["prefill"]), LEASE_S + 30,
               "prefill KV usage back to baseline")
 
 
@@ -309,7 +303,8 @@ def test_zzz_prefill_host_killed_under_load_nothing_lost(lab):
     assert any(p == "fallback" for p, _ in paths), paths
 
 
-def _kill_under_load(lab_, host: str, urls: dict, expected: dict, per_transport: int = 25, concurrency: int = 8):
+def _kill_under_load(lab_, host: str, urls: dict, expected: dict, per_transport: int = PER_PHASE,
+                     concurrency: int = 8):
     """Kill ``host`` once the first requests of each transport's load have run; check every request."""
     results: list[tuple[str, str, dict]] = []
     lock = threading.Lock()
@@ -328,7 +323,7 @@ def _kill_under_load(lab_, host: str, urls: dict, expected: dict, per_transport:
     killed_at = []
 
     def killer():
-        _wait_for(lambda: count[0] >= 6, 120, "the first requests")
+        wait_for(lambda: count[0] >= 6, 120, "the first requests")
         killed_at.append(time.monotonic())
         lab_.kill_host(host)
 

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from helpers import chat_body, post, status, stream_chat
+from helpers import chat_body, post, status, stream_chat, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -40,14 +40,6 @@ def _streamed_tokens(url: str, body: dict) -> tuple[int, list[int], str, str | N
     return (r.status_code if done else -1), tokens, r.headers.get("x-pdserve-path"), \
         r.headers.get("x-pdserve-fallback-cause")
 
-
-def _wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(1)
-    pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def run_chaos(url: str, mono_url: str, requests: int = 200, concurrency: int = 8, link_rounds: int = 3,
@@ -97,7 +89,7 @@ def run_chaos(url: str, mono_url: str, requests: int = 200, concurrency: int = 8
     assert paths[("pd", None)] > 0, paths
 
     # The killed prefill comes back (Ray Serve), its links heal, traffic returns to P/D.
-    _wait_for(lambda: any(r["healthy"] and r["pid"] != old_prefill["pid"]
+    wait_for(lambda: any(r["healthy"] and r["pid"] != old_prefill["pid"]
                           for r in status(url)["pools"]["prefill"]), 240, "a new prefill replica")
 
     def back_to_pd():
@@ -105,8 +97,8 @@ def run_chaos(url: str, mono_url: str, requests: int = 200, concurrency: int = 8
         assert code == 200 and tokens == expected[PROMPTS[0]]
         return path == "pd"
 
-    _wait_for(back_to_pd, 60, "traffic back on P/D")
-    _wait_for(lambda: all(r["kv_cache_usage"] == 0.0 for r in status(url)["pools"]["prefill"]), lease_s + 15,
+    wait_for(back_to_pd, 60, "traffic back on P/D")
+    wait_for(lambda: all(r["kv_cache_usage"] == 0.0 for r in status(url)["pools"]["prefill"]), lease_s + 15,
               "prefill KV usage back to baseline")
     links = status(url)["links"]
     assert links and any(link["state"] == "closed" for link in links), links
