@@ -121,6 +121,9 @@ class EngineServer:
         guard = os.path.join(os.path.dirname(__file__), "child_guard")
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (guard, os.environ.get("PYTHONPATH")) if p)
         os.environ["PDSERVE_DIE_WITH_PARENT"] = "1"
+        # vLLM's own guess (a UDP route to a public address) fails on a host without a default
+        # route and falls back to 0.0.0.0; the replica's advertised address is the right one.
+        os.environ.setdefault("VLLM_HOST_IP", self.host)
         if self.cfg.device == "cpu":
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.engine.cpu_kv_cache_gib)
             confine_engine_to_cores(self.cores)

@@ -11,9 +11,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def _env_after_set(monkeypatch, cfg) -> dict:
     for key in ("PDSERVE_CPU_NO_AMX", "PYTHONPATH", "PDSERVE_CORE_SET", "VLLM_CPU_OMP_THREADS_BIND",
                 "VLLM_NIXL_SIDE_CHANNEL_PORT", "VLLM_NIXL_SIDE_CHANNEL_HOST", "VLLM_CPU_KVCACHE_SPACE",
-                "PDSERVE_DIE_WITH_PARENT", "OMP_WAIT_POLICY"):
+                "PDSERVE_DIE_WITH_PARENT", "OMP_WAIT_POLICY", "VLLM_HOST_IP"):
         monkeypatch.delenv(key, raising=False)
-    EngineServer(cfg, "decode", 0)._set_env()
+    EngineServer(cfg, "decode", 0, host="10.77.0.4")._set_env()
     return dict(os.environ)
 
 
@@ -38,3 +38,9 @@ def test_the_switch_hides_amx_from_vllms_isa_probe():
     out = subprocess.run([sys.executable, "-c", probe], env=dict(os.environ, PYTHONPATH=str(guard),
                          PDSERVE_CPU_NO_AMX="1"), capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_engines_use_the_replicas_advertised_address(monkeypatch):
+    env = _env_after_set(monkeypatch, load_config(CONFIGS / "cpu-pd.yaml"))
+    assert env["VLLM_HOST_IP"] == "10.77.0.4"
+    assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "10.77.0.4"
