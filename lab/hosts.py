@@ -265,7 +265,7 @@ class Lab:
 
     def ray_nodes(self) -> list[dict[str, Any]]:
         code = ("import json, ray; ray.init(address='auto', log_to_driver=False, logging_level='ERROR'); "
-                "print(json.dumps([{'address': n['NodeManagerAddress'], 'alive': n['Alive'], "
+                "print(json.dumps([{'node_id': n['NodeID'], 'address': n['NodeManagerAddress'], 'alive': n['Alive'], "
                 "'resources': {k: v for k, v in n['Resources'].items() if not k.startswith('node:') "
                 "and k not in ('memory', 'object_store_memory')}} for n in ray.nodes()]))")
         out = self.exec_in(self.state().head.name, [sys.executable, "-c", code], timeout=60)
@@ -337,9 +337,16 @@ class Lab:
         if host.head:
             raise LabError("the head host holds Ray's GCS: a lab whose head died must be made again "
                            "(`pdserve lab down`, then `up`)")
-        live = sum(1 for n in self.ray_nodes() if n["alive"])
+        # Ray may still count the killed node alive for a while: wait for a new node at its address.
+        before = {n["node_id"] for n in self.ray_nodes() if n["address"] == host.address}
         self._start_host(state, host)
-        self.wait_nodes(live + 1)
+        deadline = time.monotonic() + NODE_WAIT_S
+        while time.monotonic() < deadline:
+            if any(n["alive"] and n["address"] == host.address and n["node_id"] not in before
+                   for n in self.ray_nodes()):
+                return
+            time.sleep(1)
+        raise LabError(f"lab host {name} did not join the Ray cluster again within {NODE_WAIT_S:.0f}s")
 
     def fault(self, a: str, b: Optional[str], fault: netfaults.LinkFault) -> None:
         state = self.state()
