@@ -36,10 +36,13 @@ class LegWatcher(Protocol):
 
 class Pool:
     # A replica is marked unhealthy on a failed load call, or after this many load
-    # calls in a row that time out (a busy replica may answer one late).
+    # calls in a row that time out (a busy replica may answer one late). Its legs are then
+    # given up, so the timeout leaves room for a replica that is merely busy: on a 2-core lab
+    # a healthy prefill replica answered a 1 s poll late twice while engines started beside it.
+    # A silent peer is still cut off in about 4 s (and by TCP_USER_TIMEOUT on its streams).
     TIMEOUTS_BEFORE_UNHEALTHY = 2
 
-    def __init__(self, name: str, handle, poll_timeout_s: float = 1.0, direct_streams: bool = True) -> None:
+    def __init__(self, name: str, handle, poll_timeout_s: float = 2.0, direct_streams: bool = True) -> None:
         self.name = name
         self.handle = handle
         self.direct_streams = direct_streams
