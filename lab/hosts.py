@@ -268,8 +268,13 @@ class Lab:
                 "print(json.dumps([{'node_id': n['NodeID'], 'address': n['NodeManagerAddress'], 'alive': n['Alive'], "
                 "'resources': {k: v for k, v in n['Resources'].items() if not k.startswith('node:') "
                 "and k not in ('memory', 'object_store_memory')}} for n in ray.nodes()]))")
+        code = code.replace("print(json.dumps(", "print('PDSERVE_NODES', json.dumps(")
         out = self.exec_in(self.state().head.name, [sys.executable, "-c", code], timeout=60)
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        # Ray may print warnings of its own (a node it is losing) on the same stdout.
+        for line in out.stdout.splitlines():
+            if line.startswith("PDSERVE_NODES "):
+                return json.loads(line[len("PDSERVE_NODES "):])
+        raise LabError(f"could not list the lab's Ray nodes: {out.stdout[-500:]}{out.stderr[-500:]}")
 
     # ------------------------------------------------------------------ deploy
     def deploy(self, config_path: str | Path, name: str, port: int) -> str:
@@ -342,8 +347,11 @@ class Lab:
         self._start_host(state, host)
         deadline = time.monotonic() + NODE_WAIT_S
         while time.monotonic() < deadline:
-            if any(n["alive"] and n["address"] == host.address and n["node_id"] not in before
-                   for n in self.ray_nodes()):
+            try:
+                nodes = self.ray_nodes()
+            except LabError:
+                nodes = []  # the GCS is busy noticing the old node's death: ask again
+            if any(n["alive"] and n["address"] == host.address and n["node_id"] not in before for n in nodes):
                 return
             time.sleep(1)
         raise LabError(f"lab host {name} did not join the Ray cluster again within {NODE_WAIT_S:.0f}s")
