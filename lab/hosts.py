@@ -343,7 +343,10 @@ class Lab:
             raise LabError("the head host holds Ray's GCS: a lab whose head died must be made again "
                            "(`pdserve lab down`, then `up`)")
         # Ray may still count the killed node alive for a while: wait for a new node at its address.
-        before = {n["node_id"] for n in self.ray_nodes() if n["address"] == host.address}
+        try:
+            before = {n["node_id"] for n in self.ray_nodes() if n["address"] == host.address}
+        except LabError:
+            before = set()
         self._start_host(state, host)
         deadline = time.monotonic() + NODE_WAIT_S
         while time.monotonic() < deadline:
