@@ -1,0 +1,120 @@
+"""Relays a decode stream to the client, counting its tokens, and resumes it mid-stream.
+
+When the stream ends before ``[DONE]`` (the engine or its replica died, or the pool gave
+the leg up), the relay asks for a continuation on another engine (decode/resume.py) and
+rewrites its chunks into the original stream's format; when none can be had, the client
+gets an error event and the stream ends cleanly. Which engine serves a continuation is
+the caller's choice (``respawn``): the router's selection, not this module's.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, AsyncIterator, Callable, Optional
+
+from pdserve.decode.resume import StreamTracker, error_event
+from pdserve.engine.leg import Leg
+
+logger = logging.getLogger("pdserve.router")
+
+EXHAUSTED_MESSAGE = "the engine serving this stream failed and it could not be resumed"
+
+
+def carries_token(chunk: str) -> bool:
+    """Whether an SSE chunk carries generated text (for streams whose chunks carry no token ids)."""
+    if chunk.startswith("data: [DONE]"):
+        return False
+    return '"content":"' in chunk.replace('"content":""', "") or '"text":"' in chunk.replace('"text":""', "")
+
+
+class StreamRelay:
+    """One streamed response: the chunks to send, the tokens they carried and when.
+
+    ``respawn(dead_leg, continuation_body)`` returns a leg serving the continuation, or
+    None. ``on_gap(seconds)`` sees every gap between two token-carrying sends (ITL);
+    ``on_resume(outcome)`` sees "resumed" or "exhausted"."""
+
+    def __init__(self, endpoint: str, leg: Leg, body: dict[str, Any], *, served_name: str, max_resumes: int,
+                 t0: float, respawn: Callable[[Leg, dict[str, Any]], Optional[Leg]],
+                 on_gap: Callable[[float], None] = lambda s: None,
+                 on_resume: Callable[[str], None] = lambda outcome: None) -> None:
+        self.tracker = StreamTracker(endpoint)
+        self.leg = leg  # the leg serving the stream now (a continuation's after a resume)
+        self.body = body
+        self.served_name = served_name
+        self.max_resumes = max_resumes
+        self.t0 = t0
+        self.respawn = respawn
+        self.on_gap = on_gap
+        self.on_resume = on_resume
+        self.resumes = 0
+        self.ttft: Optional[float] = None
+        self.last: Optional[float] = None  # when the last token-carrying chunk was sent
+        self.tokens = 0
+        self.status = "200"  # as counted in pdserve_requests_total (503: resume exhausted)
+        self.completed = False  # False if the client went away (the generator was closed)
+
+    async def run(self, first_chunk: str) -> AsyncIterator[str]:
+        with self.leg.pool.track(self.leg.replica_id):
+            pending: Optional[list[str]] = [first_chunk] + self.leg.ready_chunks()
+            while True:
+                if pending:
+                    text = self._take(pending)
+                    if text:
+                        yield text
+                if self.tracker.done:
+                    break
+                pending = await self._next_chunks()
+                if pending is None:
+                    # The stream ended before [DONE]: resume it elsewhere, or end it cleanly.
+                    if not self._resume():
+                        self.status = "503"
+                        yield error_event(EXHAUSTED_MESSAGE)
+                        break
+                    pending = []
+        self.completed = True
+
+    def _take(self, pending: list[str]) -> str:
+        """The text to send for ``pending``; counts its tokens."""
+        text = "".join(pending)
+        if self.resumes:
+            text = self.tracker.rewrite(text)
+        before = len(self.tracker.sent_ids)
+        self.tracker.observe(text)
+        # Stream chunks carry their token ids; count text chunks only where none do.
+        n = len(self.tracker.sent_ids) - before or sum(1 for c in pending if carries_token(c))
+        if n:
+            now = time.perf_counter()
+            if self.ttft is None:
+                self.ttft = now - self.t0
+            elif self.last is not None:
+                self.on_gap(now - self.last)
+            self.tokens += n
+            self.last = now
+        return text
+
+    async def _next_chunks(self) -> Optional[list[str]]:
+        """The next chunks of the current leg; None when it ended or broke."""
+        try:
+            item = await self.leg.next_item()
+        except Exception as e:  # noqa: BLE001 - the engine or its replica died mid-stream
+            logger.warning("stream from %s broke after %d tokens: %r", self.leg.served_by or self.leg.replica_id,
+                           len(self.tracker.sent_ids), e)
+            item = None
+        if item is None:
+            return None
+        return [item[1]] + self.leg.ready_chunks()
+
+    def _resume(self) -> bool:
+        new_leg = None
+        if self.resumes < self.max_resumes and self.tracker.can_resume(self.body):
+            new_leg = self.respawn(self.leg, self.tracker.continuation(self.body, self.served_name))
+        if new_leg is None:
+            self.on_resume("exhausted")
+            return False
+        logger.warning("resuming a stream on %s replica %s after %d tokens", new_leg.pool.name, new_leg.replica_id,
+                       len(self.tracker.sent_ids))
+        self.on_resume("resumed")
+        self.leg.cancel()
+        self.leg, self.resumes = new_leg, self.resumes + 1
+        return True

@@ -1,0 +1,125 @@
+"""Mid-stream resume: when the engine serving a stream dies, continue it on another engine.
+
+The router asks every streamed request for token ids (``return_token_ids``), so it knows
+the prompt's ids (first chunk) and every id it has sent. The continuation is a
+``/v1/completions`` call on a healthy engine whose prompt is those ids: a full prefill of
+prompt plus sent tokens, then greedy (or seeded) decoding goes on exactly where it stopped.
+Its chunks are rewritten into the original stream's format, id and model, so the client
+sees one continuous stream with no duplicated or missing tokens.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+# Sampling settings carried over to the continuation; everything else is chat- or
+# client-specific and either meaningless for a token prompt or already applied.
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos", "stop", "stop_token_ids",
+                  "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
+                  "skip_special_tokens", "spaces_between_special_tokens")
+
+
+_IDS_KEY = '"token_ids":['
+
+
+class StreamTracker:
+    """Reads the SSE events the client is sent and remembers what a continuation needs."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        self.prompt_ids: Optional[list[int]] = None
+        self.sent_ids: list[int] = []
+        self.head: dict[str, Any] = {}
+        self.done = False
+        self.finished = False
+
+    def observe(self, event: str) -> None:
+        for line in event.splitlines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data == "[DONE]":
+                self.done = True
+                continue
+            if self.head and self._observe_token_chunk(data):
+                continue
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                continue
+            if not self.head and "id" in chunk:
+                self.head = {k: chunk.get(k) for k in ("id", "created", "model")}
+            if chunk.get("prompt_token_ids"):
+                self.prompt_ids = list(chunk["prompt_token_ids"])
+            for choice in chunk.get("choices") or []:
+                # completions chunks carry the prompt ids per choice, chat chunks at the top
+                if self.prompt_ids is None and choice.get("prompt_token_ids"):
+                    self.prompt_ids = list(choice["prompt_token_ids"])
+                self.sent_ids.extend(choice.get("token_ids") or [])
+                if choice.get("finish_reason"):
+                    self.finished = True
+
+    def _observe_token_chunk(self, data: str) -> bool:
+        """The common chunk (one choice, one delta, no finish) read without a JSON parse,
+        which was a tenth of the router's CPU. Inside a JSON string every quote is escaped,
+        so an unescaped ``"token_ids":[`` can only be the key. Anything else: False, and
+        the caller parses the chunk in full."""
+        at = data.find(_IDS_KEY)
+        if at < 0 or data.find(_IDS_KEY, at + 1) >= 0 or '"finish_reason":"' in data or "prompt_token_ids" in data:
+            return False
+        start = at + len(_IDS_KEY)
+        end = data.find("]", start)
+        if end < 0:
+            return False
+        inner = data[start:end]
+        try:
+            ids = [int(t) for t in inner.split(",")] if inner.strip() else []
+        except ValueError:
+            return False
+        self.sent_ids.extend(ids)
+        return True
+
+    def can_resume(self, body: dict[str, Any]) -> bool:
+        return self.prompt_ids is not None and not self.finished and (body.get("n") or 1) == 1
+
+    def continuation(self, body: dict[str, Any], served_name: str) -> dict[str, Any]:
+        out = {k: body[k] for k in _SAMPLING_KEYS if k in body}
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        if limit is not None:
+            out["max_tokens"] = max(1, int(limit) - len(self.sent_ids))
+        out.update(model=served_name, prompt=self.prompt_ids + self.sent_ids, stream=True, return_token_ids=True)
+        return out
+
+    def rewrite(self, event: str) -> str:
+        """A continuation (completions) event in the original stream's format."""
+        out = []
+        for line in event.splitlines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                if line == "data: [DONE]":
+                    out.append(line)
+                continue
+            try:
+                chunk = json.loads(line[6:])
+            except ValueError:
+                continue
+            choices = []
+            for c in chunk.get("choices") or []:
+                text, ids, reason = c.get("text") or "", c.get("token_ids") or [], c.get("finish_reason")
+                if not text and not ids and not reason:
+                    continue
+                if self.endpoint == "chat":
+                    choices.append({"index": 0, "delta": {"content": text}, "logprobs": None,
+                                    "finish_reason": reason, "token_ids": ids})
+                else:
+                    choices.append({"index": 0, "text": text, "logprobs": None, "finish_reason": reason,
+                                    "token_ids": ids})
+            if not choices:
+                continue
+            obj = "chat.completion.chunk" if self.endpoint == "chat" else "text_completion"
+            out.append("data: " + json.dumps({**self.head, "object": obj, "choices": choices}))
+        return "".join(line + "\n\n" for line in out)
+
+
+def error_event(message: str) -> str:
+    body = {"error": {"message": message, "type": "ServiceUnavailableError", "param": None, "code": 503}}
+    return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
