@@ -31,7 +31,7 @@ from pdserve.kv_transfer.faults import FaultSpec
 from pdserve.router.targeting import TARGET_KWARG
 
 if TYPE_CHECKING:
-    from pdserve.router.app import RouterServer
+    from pdserve.router.core import Router as RouterServer
 
 logger = logging.getLogger("pdserve.router")
 

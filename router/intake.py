@@ -1,0 +1,43 @@
+"""The first stages: authenticate the caller, then read and check the body.
+
+Nothing here touches an engine: a request that fails here costs no KV anywhere.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+from fastapi.responses import JSONResponse
+
+from pdserve.admission.rejection import Rejection
+from pdserve.router.context import RequestCtx
+from pdserve.router.protocol import ApiError, parse_json_body
+
+if TYPE_CHECKING:
+    from pdserve.router.core import Router
+
+
+class Intake:
+    def __init__(self, router: "Router") -> None:
+        self.tenants = router.tenants
+        self.checker = router.checker
+        self.max_body_bytes = router.cfg.router.max_body_bytes
+        self.account = router.account
+
+    async def take(self, ctx: RequestCtx, request: Any) -> Optional[JSONResponse]:
+        """Fills ``ctx.tenant`` and ``ctx.checked``; returns the error response of a request refused."""
+        try:
+            ctx.tenant = self.tenants.authenticate(request.headers)
+            ctx.cls = ctx.tenant.priority_class
+            raw = await request.body()
+            body = parse_json_body(raw, self.max_body_bytes)
+            checked = self.checker.check(ctx.endpoint, body)
+            if checked.stream:
+                # Token ids let a broken stream resume elsewhere exactly where it stopped (decode/resume.py).
+                checked.body["return_token_ids"] = True
+            ctx.checked = checked
+        except ApiError as e:
+            self.account.answered("none", ctx.endpoint, e.status)
+            return JSONResponse(e.body(), status_code=e.status)
+        except Rejection as r:
+            return self.account.rejected(r, ctx.cls, ctx.endpoint)
+        return None
