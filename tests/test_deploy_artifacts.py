@@ -1,10 +1,10 @@
 """The deployment artifacts in configs/: Prometheus alert rules, KubeRay manifests, Grafana dashboard.
 
 * Alert rules go through ``promtool check rules`` and their unit tests through ``promtool test
-  rules``. promtool ships in Debian's ``prometheus`` package; no PyPI package carries it. If
-  it is not on PATH (or in $PROMTOOL), the package is fetched with ``apt-get download``,
-  unpacked with ``dpkg-deb -x`` (nothing is installed) and promtool cached under
-  ~/.cache/pdserve/promtool. Skipped, saying why, only where that cannot be done.
+  rules``. promtool ships in Debian's ``prometheus`` package; no PyPI package carries it.
+  ``make setup`` puts it at .cache/bin/promtool (tools/fetch_promtool.sh: a link to the promtool
+  on PATH, or the binary unpacked from the package, nothing installed). The tests take $PROMTOOL,
+  else that cached binary, else promtool on PATH, and fail, saying how to get it, without one.
 * Core Kubernetes objects and the RayService's pod templates are validated against Kubernetes'
   OpenAPI schemas (``kubernetes-validate``, strict: unknown fields fail). The RayService itself
   is validated against tests/schemas/rayservice-v1.minimal.schema.json, a schema of the fields
@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import jsonschema
@@ -53,48 +52,24 @@ EXTERNAL_ALERT_METRICS = {"DCGM_FI_DEV_XID_ERRORS"}  # NVIDIA dcgm-exporter
 
 # --- promtool -------------------------------------------------------------------------------
 
-def _fetch_promtool(cache: Path) -> Path:
-    """promtool out of Debian's prometheus package, unpacked, not installed."""
-    for tool in ("apt-get", "dpkg-deb"):
-        if shutil.which(tool) is None:
-            raise RuntimeError(f"{tool} not found (promtool comes from Debian's prometheus package)")
-    with tempfile.TemporaryDirectory() as tmp:
-        def download() -> subprocess.CompletedProcess:
-            return subprocess.run(["apt-get", "download", "prometheus"], cwd=tmp, capture_output=True,
-                                  text=True, timeout=300)
-        r = download()
-        if r.returncode != 0 and os.geteuid() == 0:
-            # A fresh machine may have no package lists yet.
-            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=300)
-            r = download()
-        debs = list(Path(tmp).glob("prometheus_*.deb"))
-        if r.returncode != 0 or not debs:
-            raise RuntimeError(f"apt-get download prometheus failed: {r.stderr.strip()[-500:]}")
-        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(Path(tmp) / "x")], check=True, timeout=120)
-        binary = Path(tmp) / "x" / "usr" / "bin" / "promtool"
-        if not binary.is_file():
-            raise RuntimeError(f"{debs[0].name} holds no usr/bin/promtool")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        staged = cache.with_suffix(".partial")
-        shutil.copy2(binary, staged)
-        staged.chmod(0o755)
-        staged.replace(cache)
-    return cache
+PROMTOOL_CACHE = ROOT / ".cache" / "bin" / "promtool"  # the Makefile's PROMTOOL_CACHE
 
 
 @pytest.fixture(scope="session")
 def promtool() -> str:
-    found = os.environ.get("PROMTOOL") or shutil.which("promtool")
+    env = os.environ.get("PROMTOOL")
+    if env:
+        if not os.access(env, os.X_OK):
+            pytest.fail(f"$PROMTOOL={env} is not an executable file")
+        return env
+    if PROMTOOL_CACHE.is_file() and os.access(PROMTOOL_CACHE, os.X_OK):
+        return str(PROMTOOL_CACHE)
+    found = shutil.which("promtool")
     if found:
         return found
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pdserve" / "promtool" / "promtool"
-    if not cache.is_file():
-        try:
-            _fetch_promtool(cache)
-        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-            pytest.skip(f"promtool unavailable: not on PATH or $PROMTOOL, and fetching Debian's prometheus "
-                        f"package failed: {e}")
-    return str(cache)
+    pytest.fail(f"promtool not found: not in $PROMTOOL, at {PROMTOOL_CACHE.relative_to(ROOT)} or on PATH. "
+                "`make setup` (or `make promtool`) caches it from Debian's prometheus package; "
+                "elsewhere install Prometheus' promtool and set PROMTOOL.")
 
 
 def _promtool(promtool: str, *args: str, cwd: Path = ROOT) -> str:
