@@ -100,31 +100,46 @@ async def kill_replica(server: "RouterServer", pool_name: str, replica: str | No
     return {"pool": pool_name, "replica": replica, "killed": True}
 
 
-def add_admin_routes(app: FastAPI, server: "RouterServer") -> None:
-    async def guarded(request: Request, action) -> Any:
-        denied = check_admin(server, request)
-        if denied is not None:
-            return denied
-        try:
-            raw = await request.body()
-            body = json.loads(raw) if raw.strip() else {}
-            if not isinstance(body, dict):
-                raise ValueError("the request body must be a JSON object")
-            return await action(body)
-        except (ValueError, TypeError) as e:
-            return JSONResponse(error_body(400, str(e), "BadRequestError"), status_code=400)
+async def _guarded(server: "RouterServer", request: Request, action) -> Any:
+    """Runs ``action(body)`` for an admin caller; a bad body is a 400."""
+    denied = check_admin(server, request)
+    if denied is not None:
+        return denied
+    try:
+        raw = await request.body()
+        body = json.loads(raw) if raw.strip() else {}
+        if not isinstance(body, dict):
+            raise ValueError("the request body must be a JSON object")
+        return await action(body)
+    except (ValueError, TypeError) as e:
+        return JSONResponse(error_body(400, str(e), "BadRequestError"), status_code=400)
 
-    async def kill_links(request: Request):
-        return await guarded(request, lambda body: _faults({"kill_links": True}))
 
-    async def heal_links(request: Request):
-        return await guarded(request, lambda body: _faults(None))
+async def _show_chaos(server: "RouterServer") -> dict[str, Any]:
+    engines = []
+    for name in KV_POOLS:
+        pool = server.pools.get(name)
+        for rid in list(pool.replicas) if pool else []:
+            try:
+                engines.append(await _call(pool, "kv_faults", rid))
+            except Exception as e:  # noqa: BLE001
+                engines.append({"pool": name, "replica": rid, "error": repr(e)})
+    links = [{"prefill": p, "decode": d, "state": st.value} for (p, d), st in server.breakers.states().items()]
+    return {"engines": engines, "links": links}
 
-    async def faults(request: Request):
-        return await guarded(request, lambda body: _faults(body))
 
+def _chaos_routes(server: "RouterServer") -> list[tuple[str, str, Any]]:
     async def _faults(spec):
         return {"faults": spec or {}, "engines": await set_faults_everywhere(server, spec)}
+
+    async def kill_links(request: Request):
+        return await _guarded(server, request, lambda body: _faults({"kill_links": True}))
+
+    async def heal_links(request: Request):
+        return await _guarded(server, request, lambda body: _faults(None))
+
+    async def faults(request: Request):
+        return await _guarded(server, request, lambda body: _faults(body))
 
     async def kill(request: Request):
         async def act(body):
@@ -135,23 +150,17 @@ def add_admin_routes(app: FastAPI, server: "RouterServer") -> None:
                 raise ValueError(f"'pool' must be one of {sorted(server.pools)}")
             return await kill_replica(server, body["pool"], body.get("replica"))
 
-        return await guarded(request, act)
+        return await _guarded(server, request, act)
 
     async def show(request: Request):
-        async def act(body):
-            engines = []
-            for name in KV_POOLS:
-                pool = server.pools.get(name)
-                for rid in list(pool.replicas) if pool else []:
-                    try:
-                        engines.append(await _call(pool, "kv_faults", rid))
-                    except Exception as e:  # noqa: BLE001
-                        engines.append({"pool": name, "replica": rid, "error": repr(e)})
-            links = [{"prefill": p, "decode": d, "state": st.value} for (p, d), st in server.breakers.states().items()]
-            return {"engines": engines, "links": links}
+        return await _guarded(server, request, lambda body: _show_chaos(server))
 
-        return await guarded(request, act)
+    return [("/admin/chaos/kill-links", "POST", kill_links), ("/admin/chaos/heal-links", "POST", heal_links),
+            ("/admin/chaos/faults", "POST", faults), ("/admin/chaos/kill-replica", "POST", kill),
+            ("/admin/chaos", "GET", show)]
 
+
+def _ladder_routes(server: "RouterServer") -> list[tuple[str, str, Any]]:
     async def ladder_set(request: Request):
         async def act(body):
             if set(body) == {"rung"} and isinstance(body["rung"], int) and not isinstance(body["rung"], bool):
@@ -164,14 +173,18 @@ def add_admin_routes(app: FastAPI, server: "RouterServer") -> None:
             logger.warning("admin: ladder now %s", server.admission.ladder.state())
             return server.admission.ladder.state()
 
-        return await guarded(request, act)
+        return await _guarded(server, request, act)
 
     async def ladder_show(request: Request):
-        return await guarded(request, lambda body: _ladder_state())
+        async def act(body):
+            return server.admission.ladder.state()
 
-    async def _ladder_state():
-        return server.admission.ladder.state()
+        return await _guarded(server, request, act)
 
+    return [("/admin/ladder", "POST", ladder_set), ("/admin/ladder", "GET", ladder_show)]
+
+
+def _ab_routes(server: "RouterServer") -> list[tuple[str, str, Any]]:
     async def ab_set(request: Request):
         async def act(body):
             if set(body) != {"monolithic_fraction"}:
@@ -182,20 +195,17 @@ def add_admin_routes(app: FastAPI, server: "RouterServer") -> None:
             logger.warning("admin: A/B split now %s", server.split.state())
             return server.split.state()
 
-        return await guarded(request, act)
+        return await _guarded(server, request, act)
 
     async def ab_show(request: Request):
         async def act(body):
             return server.split.state()
 
-        return await guarded(request, act)
+        return await _guarded(server, request, act)
 
-    app.add_api_route("/admin/ab", ab_set, methods=["POST"])
-    app.add_api_route("/admin/ab", ab_show, methods=["GET"])
-    app.add_api_route("/admin/ladder", ladder_set, methods=["POST"])
-    app.add_api_route("/admin/ladder", ladder_show, methods=["GET"])
-    app.add_api_route("/admin/chaos/kill-links", kill_links, methods=["POST"])
-    app.add_api_route("/admin/chaos/heal-links", heal_links, methods=["POST"])
-    app.add_api_route("/admin/chaos/faults", faults, methods=["POST"])
-    app.add_api_route("/admin/chaos/kill-replica", kill, methods=["POST"])
-    app.add_api_route("/admin/chaos", show, methods=["GET"])
+    return [("/admin/ab", "POST", ab_set), ("/admin/ab", "GET", ab_show)]
+
+
+def add_admin_routes(app: FastAPI, server: "RouterServer") -> None:
+    for path, method, handler in (*_ab_routes(server), *_ladder_routes(server), *_chaos_routes(server)):
+        app.add_api_route(path, handler, methods=[method])

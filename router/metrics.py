@@ -11,6 +11,13 @@ class RouterMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self._latencies(r)
+        self._pd_links(r)
+        self._resumes_and_admission(r)
+        self._replicas(r)
+
+    def _latencies(self, r: CollectorRegistry) -> None:
+        """Requests and their latencies."""
         self.requests = Counter("pdserve_requests_total", "Requests answered, by path, endpoint and HTTP status",
                                 ["path", "endpoint", "status"], registry=r)
         self.ttft = Histogram("pdserve_ttft_seconds", "Arrival to first token (streamed requests)",
@@ -28,6 +35,9 @@ class RouterMetrics:
             "Streamed P/D requests' TTFT by stage: prefill leg, KV transfer (as the decode engine "
             "timed its pull; gRPC transport), and decode_first_token (routing, decode queue, first step)",
             ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
+
+    def _pd_links(self, r: CollectorRegistry) -> None:
+        """Fallback, P/D links and KV transfers."""
         self.fallbacks = Counter("pdserve_fallback_total", "Requests served by monolithic fallback, by cause",
                                  ["cause"], registry=r)
         self.link_state = Gauge("pdserve_link_breaker_state",
@@ -49,6 +59,9 @@ class RouterMetrics:
         self.autoscaler_target = Gauge("pdserve_autoscaler_target_replicas",
                                        "Replicas Ray Serve is keeping for each pool (starting or running), "
                                        "as its autoscaler set them", ["pool"], registry=r)
+
+    def _resumes_and_admission(self, r: CollectorRegistry) -> None:
+        """Resumes, admission, tenants, goodput and the A/B split."""
         self.stream_resumes = Counter("pdserve_stream_resumes_total",
                                       "Streams whose engine died mid-stream: resumed elsewhere, or ended with an "
                                       "error event once resumes ran out", ["outcome"], registry=r)
@@ -73,6 +86,9 @@ class RouterMetrics:
         self.ab_requests = Counter("pdserve_ab_requests_total",
                                    "Requests by online A/B arm (pd / monolithic); their latencies are in the "
                                    "histograms under path pd+fallback / monolithic", ["arm"], registry=r)
+
+    def _replicas(self, r: CollectorRegistry) -> None:
+        """The router's in-flight requests and each replica's polled load."""
         self.inflight = Gauge("pdserve_inflight_requests", "Requests in the router now", registry=r)
         self.replica_kv = Gauge("pdserve_replica_kv_cache_usage", "KV-cache usage per replica",
                                 ["pool", "replica"], registry=r)
