@@ -62,11 +62,12 @@ class Responder:
                                  headers=headers)
 
     async def stream(self, ctx: RequestCtx, path: str, leg: Leg, first_chunk: str) -> AsyncIterator[str]:
-        itl = self.metrics.itl.labels(path, ctx.cls)
+        m = self.metrics
         relay = StreamRelay(ctx.endpoint, leg, ctx.body, served_name=self.cfg.model.served_name,
                             max_resumes=self.cfg.fallback.max_stream_resumes, t0=ctx.t0,
-                            respawn=self.placement.respawn, on_gap=itl.observe,
-                            on_resume=lambda outcome: self.metrics.stream_resumes.labels(outcome).inc())
+                            respawn=self.placement.respawn,
+                            on_gap=lambda seconds: m.itl.labels(path, ctx.cls).observe(seconds),
+                            on_resume=lambda outcome: m.stream_resumes.labels(outcome).inc())
         chunks = relay.run(first_chunk)
         try:
             async for text in chunks:

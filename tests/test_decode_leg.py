@@ -2,7 +2,6 @@
 resume (decode/relay.py) alone, over in-memory pools."""
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 from router_fakes import CHAT, MemoryCluster, MemoryEngine, run, stream_tokens
