@@ -5,14 +5,22 @@ The router never looks at the transport: it only forwards the opaque
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
-from pdserve.engine.config import ClusterConfig
+from pdserve.kv_transfer.config import KVTransferSpec
+
+
+class HasKVTransfer(Protocol):
+    """What this module reads of a config: its `kv_transfer` section (engine/config.py's
+    ClusterConfig is one). Typed this way so kv_transfer/ never imports engine/."""
+
+    kv_transfer: KVTransferSpec
+
 
 _ROLE = {"prefill": "kv_producer", "decode": "kv_consumer"}
 
 
-def kv_transfer_config_for(cfg: ClusterConfig, role: str, *, port: int, host: str,
+def kv_transfer_config_for(cfg: HasKVTransfer, role: str, *, port: int, host: str,
                            fault_file: str | None = None) -> dict[str, Any]:
     """The ``KVTransferConfig`` kwargs for an engine in ``role`` ("prefill" or "decode").
 
