@@ -85,25 +85,26 @@ def run_arm(args: argparse.Namespace, name: str, config_path: Optional[str], url
                             "config_summary": describe_config(cfg) if cfg else None,
                             "config_text": Path(config_path).read_text() if config_path else None}
     if url:
-        from pdserve.cluster.runtime import wait_ready
+        from pdserve.bench.cluster_runtime import runtime
 
         try:
-            wait_ready(url, timeout_s=args.health_timeout_s)
+            runtime().wait_ready(url, timeout_s=args.health_timeout_s)
         except TimeoutError as e:
             raise ServerUnreachable(str(e)) from None
         meta["source"] = f"running server at {url}" + (f" (config {config_path})" if config_path else "")
         result = sweep(url, args, args.rates, model=model, slos_ms=slos)
     else:
-        from pdserve.cluster.runtime import start_cluster, stop_cluster
+        from pdserve.bench.cluster_runtime import runtime
 
+        rt = runtime()
         print(f"pdserve ab: starting the {name} cluster from {config_path}", flush=True)
-        started = start_cluster(cfg, port=_free_port())  # waits until /health answers 200
+        started = rt.start_cluster(cfg, port=_free_port())  # waits until /health answers 200
         try:
             meta["source"] = f"cluster started from {config_path} by pdserve ab"
             result = sweep(started, args, args.rates, model=model, slos_ms=slos)
         finally:
             print(f"pdserve ab: stopping the {name} cluster", flush=True)
-            stop_cluster()
+            rt.stop_cluster()
     result["arm"] = meta
     return result
 

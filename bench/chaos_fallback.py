@@ -48,15 +48,16 @@ async def _with_chaos(url: str, bodies, rate: float, kill_at: float | None, heal
 
 
 def run_arm(name: str, bodies, rate: float, kill_at, heal_at) -> dict:
-    from pdserve.cluster.runtime import start_cluster, stop_cluster
+    from pdserve.bench.cluster_runtime import runtime
     from pdserve.engine.config import load_config
 
-    url = start_cluster(load_config(ROOT / "configs" / _CONFIGS[name]), port=_free_port())
+    rt = runtime()
+    url = rt.start_cluster(load_config(ROOT / "configs" / _CONFIGS[name]), port=_free_port())
     try:
         asyncio.run(run_poisson(url, make_bodies(4, 200, 8, seed=99), rate=50))
         results, t_kill = asyncio.run(_with_chaos(url, bodies, rate, kill_at, heal_at))
     finally:
-        stop_cluster()
+        rt.stop_cluster()
     out = {"failed": sum(not r.ok for r in results), "all": _stats(_ttfts(results, lambda r: True)),
            "by_path": {}, "by_cause": {}}
     for path in ("pd", "fallback", "monolithic"):
@@ -104,4 +105,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from pdserve.bench import cluster_runtime
+    from pdserve.cluster import runtime
+
+    cluster_runtime.use(runtime)  # this script is the program: its entry point is a composition root
     raise SystemExit(main())

@@ -90,9 +90,10 @@ def _decode_totals(url: str) -> tuple[int, int, float]:
 def cluster_transfers(transport: str, model: str, lengths: list[int], repeats: int) -> list[dict]:
     import httpx
 
-    from pdserve.cluster.runtime import start_cluster, stop_cluster
+    from pdserve.bench.cluster_runtime import runtime
     from pdserve.engine.config import load_config
 
+    rt = runtime()
     cfg = load_config(ROOT / "configs" / _CONFIGS[transport])
     if transport == "grpc-inline":
         grpc = cfg.kv_transfer.grpc.model_copy(update={"same_host_refs": False})
@@ -102,7 +103,7 @@ def cluster_transfers(transport: str, model: str, lengths: list[int], repeats: i
         "model": cfg.model.model_copy(update={"path": f"builtin:{model}", "max_model_len": 4096}),
         "engine": cfg.engine.model_copy(update={"max_num_batched_tokens": 4096}),
     })
-    url = start_cluster(cfg, port=_free_port())
+    url = rt.start_cluster(cfg, port=_free_port())
     rows = []
     try:
         with httpx.Client(timeout=300) as client:
@@ -134,7 +135,7 @@ def cluster_transfers(transport: str, model: str, lengths: list[int], repeats: i
                     print(f"  {transport:11} {model:9} {prompt_tokens:5d} tok {nbytes / MiB:8.2f} MiB "
                           f"p50 {secs * 1000:8.2f} ms  {nbytes / secs / 1e9:6.2f} GB/s", flush=True)
     finally:
-        stop_cluster()
+        rt.stop_cluster()
     return rows
 
 
@@ -177,4 +178,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from pdserve.bench import cluster_runtime
+    from pdserve.cluster import runtime
+
+    cluster_runtime.use(runtime)  # this script is the program: its entry point is a composition root
     raise SystemExit(main())

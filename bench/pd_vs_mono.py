@@ -42,16 +42,17 @@ def _free_port() -> int:
 
 
 def run_cluster_arm(config: str, bodies, rate: float, warmup) -> dict:
-    from pdserve.cluster.runtime import start_cluster, stop_cluster
+    from pdserve.bench.cluster_runtime import runtime
     from pdserve.engine.config import load_config
 
+    rt = runtime()
     cfg = load_config(ROOT / "configs" / config)
-    url = start_cluster(cfg, port=_free_port())
+    url = rt.start_cluster(cfg, port=_free_port())
     try:
         asyncio.run(run_poisson(url, warmup, rate=50))
         results = asyncio.run(run_poisson(url, bodies, rate))
     finally:
-        stop_cluster()
+        rt.stop_cluster()
     return summarize(results)
 
 
@@ -150,4 +151,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from pdserve.bench import cluster_runtime
+    from pdserve.cluster import runtime
+
+    cluster_runtime.use(runtime)  # this script is the program: its entry point is a composition root
     raise SystemExit(main())

@@ -116,9 +116,9 @@ def build_stub_app(cfg, settings: StubSettings = StubSettings()):
             health_check_timeout_s=30,
             graceful_shutdown_timeout_s=5,
         ).bind(name, settings.to_dict())
-    from pdserve.cluster.builder import router_deployment_options
+    from pdserve.bench.cluster_runtime import runtime
 
-    return serve.deployment(RouterServer, **router_deployment_options(cfg)).bind(config_dict, **engines)
+    return serve.deployment(RouterServer, **runtime().router_deployment_options(cfg)).bind(config_dict, **engines)
 
 
 def _getpid(_actor) -> int:
@@ -820,7 +820,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from ray import serve
 
-    from pdserve.cluster.runtime import wait_ready
+    from pdserve.bench.cluster_runtime import runtime
+
+    wait_ready = runtime().wait_ready
 
     report: dict[str, Any] = {
         "benchmark": "router_capacity", "stub_engine": STUB_LABEL, "stub_settings": settings.to_dict(),
@@ -976,4 +978,8 @@ def _print_summary(report: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    from pdserve.bench import cluster_runtime
+    from pdserve.cluster import runtime
+
+    cluster_runtime.use(runtime)  # this script is the program: its entry point is a composition root
     sys.exit(main())

@@ -135,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--out", required=True)
     m.set_defaults(fn=_cmd_model)
 
+    from pdserve.bench import cluster_runtime
+    from pdserve.cluster import runtime
+
+    cluster_runtime.use(runtime)  # bench/ starts and stops clusters with it; nothing imports cluster/
     args = p.parse_args(argv)
     return args.fn(args)
 

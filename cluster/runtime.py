@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import time
 import urllib.request
-from typing import Optional
+from typing import Any, Optional
 
 from pdserve.engine.config import ClusterConfig
 
@@ -65,6 +65,14 @@ def start_cluster(cfg: ClusterConfig, port: Optional[int] = None, address: Optio
     url = f"http://{host}:{port}"
     wait_ready(url)
     return url
+
+
+def router_deployment_options(cfg: ClusterConfig) -> dict[str, Any]:
+    """The router deployment's options (builder.py), for the router-capacity benchmark, which
+    gets this module handed in (bench/cluster_runtime.py) rather than importing cluster/."""
+    from pdserve.cluster.builder import router_deployment_options as options
+
+    return options(cfg)
 
 
 def stop_cluster() -> None:
