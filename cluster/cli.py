@@ -33,6 +33,13 @@ def _cmd_serve(args) -> int:
     except Exception as e:
         print(f"pdserve serve: bad config {args.config}: {e}", file=sys.stderr)
         return 2
+    from pdserve.kv_transfer import vllm_internals
+
+    try:  # vLLM and NIXL as installed here (the engines check their own before they start)
+        vllm_internals.check_versions(required=False)
+    except vllm_internals.UntestedVersionError as e:
+        print(f"pdserve serve: {e}", file=sys.stderr)
+        return 2
     from pdserve.cluster.runtime import start_cluster, stop_cluster
 
     url = start_cluster(cfg, port=args.port, address=args.address)

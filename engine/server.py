@@ -24,6 +24,7 @@ from pdserve.engine.config import ClusterConfig
 from pdserve.engine.errors import error_body, validation_message
 from pdserve.engine.stats import LoadTracker, stat_logger_factory
 from pdserve.engine.tiny_model import resolve_model
+from pdserve.kv_transfer import nixl_internals, vllm_internals
 from pdserve.kv_transfer.faults import FaultSwitch, fault_file_path, remove_faults, write_faults
 
 logger = logging.getLogger("pdserve.engine")
@@ -133,6 +134,10 @@ class EngineServer:
             os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", self.host)
 
     async def start(self) -> None:
+        # pdserve reaches into vLLM's and NIXL's internals (listed in kv_transfer/vllm_internals.py and
+        # nixl_internals.py): an untested version fails here, by name, not at the first request.
+        vllm_internals.check_version()
+        nixl_internals.check_version(required=self.role != "monolithic" and self.cfg.kv_transfer.transport == "nixl")
         remove_faults(self.fault_file)  # no run starts with faults; only this run's chaos calls set them
         self._set_env()
         from vllm.v1.engine.async_llm import AsyncLLM

@@ -11,6 +11,9 @@ Behaviour is NIXL's own; two additions on the decode (puller) side:
   deadline the decode request waited with it (the router's request timeout answered 503).
 
 Delays and corruption are gRPC-only faults: NIXL moves bytes in UCX, out of our reach.
+
+Every private name of vLLM's NixlConnector / NixlConnectorWorker used here is listed in
+kv_transfer/vllm_internals.py, whose version check runs before an engine starts.
 """
 from __future__ import annotations
 
@@ -22,6 +25,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConn
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.stats import NixlKVConnectorStats
 
 from pdserve.kv_transfer.faults import FaultSwitch
+# The NIXL agent's progress-thread delay, a patch of NIXL's bindings, lives with NIXL's other
+# internals; re-exported here, where it was defined before.
+from pdserve.kv_transfer.nixl_internals import (DEFAULT_PROGRESS_THREAD_DELAY_US,  # noqa: F401
+                                                PROGRESS_THREAD_DELAY_KEY, set_progress_thread_delay)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -42,34 +49,6 @@ class _NixlStatsWithRequestIds(NixlKVConnectorStats):
             for key, values in other.data.items():
                 self.data.setdefault(key, []).extend(values)
         return self
-
-
-# NIXL's Python agent hard-codes its progress thread's poll delay to 0, so the thread spins
-# (poll with a zero timeout) even when no transfer is in flight: about 90 % of a core per
-# idle engine here, taken from the engine it runs beside. With a delay the thread sleeps in
-# poll() on UCX's armed event fds, which still wake it as soon as a transfer has work.
-PROGRESS_THREAD_DELAY_KEY = "pdserve_progress_thread_delay_us"
-DEFAULT_PROGRESS_THREAD_DELAY_US = 1000
-
-
-def set_progress_thread_delay(delay_us: int) -> None:
-    """Make every NIXL agent created from now on in this process use ``delay_us``."""
-    import sys
-
-    from vllm.distributed.nixl_utils import NixlWrapper
-
-    bindings = sys.modules[NixlWrapper.__module__].nixlBind
-    base = getattr(bindings.nixlAgentConfig, "_pdserve_base", bindings.nixlAgentConfig)
-
-    class AgentConfig(base):
-        _pdserve_base = base
-
-        def __setattr__(self, name, value):
-            if name == "pthrDelay":
-                value = max(int(value), delay_us)
-            super().__setattr__(name, value)
-
-    bindings.nixlAgentConfig = AgentConfig
 
 
 class FaultableNixlConnector(NixlConnector):
