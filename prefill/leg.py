@@ -23,8 +23,13 @@ from pdserve.kv_transfer.registry import prefill_request_params
 
 logger = logging.getLogger("pdserve.router")
 
-# Fields of the client's body a one-token, non-streamed prefill call must not carry.
-PREFILL_DROP = ("stream_options", "max_completion_tokens", "logprobs", "top_logprobs", "n")
+# Fields of the client's body a one-token, non-streamed prefill call must not carry: valid
+# for the whole request, vLLM refuses them next to ``max_tokens=1, stream=False`` (min_tokens
+# above 1, stream_options without a stream, logprob_token_ids without logprobs) or they
+# would change what the leg computes (a second max, logprobs, n). The decode leg (or a
+# whole-request fallback) keeps the client's values.
+PREFILL_DROP = ("stream_options", "max_completion_tokens", "min_tokens", "logprobs", "top_logprobs",
+                "logprob_token_ids", "n")
 
 
 def prefill_body(body: dict[str, Any]) -> dict[str, Any]:

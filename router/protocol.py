@@ -78,6 +78,10 @@ class RequestChecker:
         max_tokens = req.max_completion_tokens if endpoint == "chat" and req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is not None and max_tokens < 1:
             raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        min_tokens = getattr(req, "min_tokens", 0) or 0
+        if max_tokens is not None and min_tokens > max_tokens:  # vLLM's SamplingParams check, before any KV
+            raise ApiError(400, f"min_tokens must be less than or equal to max_tokens={max_tokens}, got {min_tokens}.",
+                           param="min_tokens")
         if getattr(req, "n", 1) not in (None, 1):
             raise ApiError(400, "only n=1 is supported", param="n")
         prompt_tokens = self._count_prompt(endpoint, body)

@@ -349,3 +349,37 @@ class Answer:
 
     def json(self) -> Any:
         return json.loads(self.text)
+
+
+def vllm_rejection(endpoint: str, body: dict) -> Optional[str]:
+    """What vLLM's own serving layer says about ``body`` (None if it accepts it): its request
+    model, then the sampling parameters it builds (where min_tokens, n and the like are
+    checked). The max_tokens it passes is the body's, or a default."""
+    from pydantic import ValidationError
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.exceptions import VLLMValidationError
+
+    model = ChatCompletionRequest if endpoint == "chat" else CompletionRequest
+    try:
+        req = model.model_validate(body)
+        limit = body.get("max_completion_tokens") or body.get("max_tokens") or 16
+        req.to_sampling_params(limit, {})
+    except (ValidationError, VLLMValidationError) as e:
+        return str(e)
+    return None
+
+
+class VllmCheckedEngine(MemoryEngine):
+    """A MemoryEngine that answers 400, as vLLM's server would, to a body vLLM refuses."""
+
+    async def generate(self, endpoint, body, replica=None):
+        message = vllm_rejection(endpoint, body)
+        if message is None:
+            async for batch in super().generate(endpoint, body, replica):
+                yield batch
+            return
+        from pdserve.engine.errors import error_body
+
+        self.calls.append((endpoint, body))
+        yield [("meta", {"replica": self.replica_id}), ("error", 400, error_body(400, message, "BadRequestError"))]

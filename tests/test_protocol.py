@@ -62,3 +62,11 @@ def test_body_parsing():
     with pytest.raises(ApiError):
         parse_json_body(b"{nope", max_bytes=1024)
     assert parse_json_body(b'{"a": 1}', max_bytes=1024) == {"a": 1}
+
+
+def test_min_tokens_above_max_tokens_is_refused_with_vllms_message(checker):
+    assert checker.check("chat", _chat("x", max_tokens=6, min_tokens=6)).max_tokens == 6
+    assert checker.check("chat", _chat("x", max_completion_tokens=6, min_tokens=5)).max_tokens == 6
+    with pytest.raises(ApiError) as e:
+        checker.check("chat", _chat("x", max_tokens=6, min_tokens=7))
+    assert e.value.status == 400 and e.value.message == "min_tokens must be less than or equal to max_tokens=6, got 7."

@@ -1,0 +1,61 @@
+"""What a client of vLLM's own OpenAI server sends must behave as it did there, however
+pdserve serves it (P/D, monolithic, fallback, mid-stream resume). In-memory pools whose
+engines refuse what vLLM's serving layer refuses (router_fakes.VllmCheckedEngine)."""
+from __future__ import annotations
+
+import pytest
+from router_fakes import CHAT, MemoryCluster, VllmCheckedEngine, run, vllm_rejection
+
+from pdserve.prefill.leg import prefill_body
+
+COMPLETION = {"model": "tiny", "prompt": "hello there", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+
+
+def vllm_cluster(mode: str = "pd") -> MemoryCluster:
+    c = MemoryCluster(mode)
+    if mode == "pd":
+        c.add("prefill", VllmCheckedEngine("prefill", "p0"))
+        c.add("decode", VllmCheckedEngine("decode", "d0"))
+    else:
+        c.add("monolithic", VllmCheckedEngine("monolithic", "m0"))
+    c.build()
+    return c
+
+
+def serve(c: MemoryCluster, body: dict, endpoint: str = "chat"):
+    return run(c.serve(body, endpoint=endpoint))
+
+
+# ---------------------------------------------------------------------------- the prefill leg's cap
+
+
+# Fields valid for the whole request that a one-token, non-streamed prefill call would refuse.
+WHOLE_REQUEST_FIELDS = [
+    ("chat", dict(CHAT, min_tokens=5)),
+    ("chat", dict(CHAT, max_tokens=None, max_completion_tokens=6, min_tokens=6)),
+    ("chat", dict(CHAT, logprobs=True, top_logprobs=2, logprob_token_ids=[5, 7])),
+    ("completions", dict(COMPLETION, min_tokens=3)),
+    ("completions", dict(COMPLETION, logprobs=1, logprob_token_ids=[5])),
+]
+
+
+@pytest.mark.parametrize("endpoint,body", WHOLE_REQUEST_FIELDS)
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_fields_valid_for_the_whole_request_pass_the_prefill_leg(endpoint, body, stream):
+    body = dict(body, stream=stream)
+    assert vllm_rejection(endpoint, body) is None  # vLLM's own server serves it
+    assert vllm_rejection(endpoint, prefill_body(body)) is None
+    c = vllm_cluster()
+    r = serve(c, body, endpoint)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-pdserve-path"] == "pd" and "x-pdserve-fallback-cause" not in r.headers
+    (_, dbody), = c.engines["d0"].calls
+    for key in ("min_tokens", "max_completion_tokens", "logprobs", "top_logprobs", "logprob_token_ids"):
+        assert dbody.get(key) == body.get(key)  # the decode leg keeps the client's values
+
+
+def test_a_field_vllm_refuses_is_still_refused_as_vllm_does():
+    body = dict(CHAT, min_tokens=7)  # more than max_tokens=6: vLLM's 400
+    c = vllm_cluster()
+    r = serve(c, body)
+    assert r.status_code == 400 and "min_tokens must be less than or equal to max_tokens=6" in r.text
