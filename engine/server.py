@@ -129,6 +129,7 @@ class EngineServer:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.engine.cpu_kv_cache_gib)
             confine_engine_to_cores(self.cores)
             os.environ["PDSERVE_CPU_NO_AMX"] = "0" if self.cfg.engine.cpu_amx_attention else "1"
+            os.environ["PDSERVE_MQ_NO_SPIN"] = "1"  # see child_guard/sitecustomize.py, item 4
         if self.kv_port is not None:
             os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(self.kv_port)
             os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", self.host)

@@ -46,7 +46,10 @@ engine/server.py, EngineServer:
 engine/stats.py: ``vllm.v1.metrics.loggers.StatLoggerBase``, subclassed for the load report.
 engine/child_guard/sitecustomize.py (runs first in every engine child, so it imports nothing of
 pdserve): replaces torch's private ``torch.cpu._is_amx_tile_supported``, which vLLM's CPU
-attention reads (``_get_attn_isa`` in vllm/v1/attention/backends/cpu_attn.py) to choose AMX.
+attention reads (``_get_attn_isa`` in vllm/v1/attention/backends/cpu_attn.py) to choose AMX;
+and, as ``vllm.distributed.device_communicators.shm_broadcast`` loads, wraps
+``SpinCondition.__init__`` so queue readers get ``busy_loop_s = 0`` (no second of polling after
+each message on a CPU engine's one core).
 bench/pd_vs_mono.py: ``vllm.sampling_params.RequestOutputKind`` (the direct-engine arm).
 """
 from __future__ import annotations

@@ -2,6 +2,8 @@
 import os
 from pathlib import Path
 
+import pytest
+
 from pdserve.engine.config import load_config
 from pdserve.engine.server import EngineServer
 
@@ -12,7 +14,7 @@ def _env_after_set(cfg) -> dict:
     """The environment _set_env leaves; this process's own environment is put back whole after
     (a key _set_env added must not leak into later tests, or into engines they start)."""
     saved = dict(os.environ)
-    for key in ("PDSERVE_CPU_NO_AMX", "VLLM_NIXL_SIDE_CHANNEL_HOST", "VLLM_HOST_IP"):
+    for key in ("PDSERVE_CPU_NO_AMX", "PDSERVE_MQ_NO_SPIN", "VLLM_NIXL_SIDE_CHANNEL_HOST", "VLLM_HOST_IP"):
         os.environ.pop(key, None)
     try:
         EngineServer(cfg, "decode", 0, host="10.77.0.4")._set_env()
@@ -25,6 +27,7 @@ def _env_after_set(cfg) -> dict:
 def test_cpu_engines_run_attention_without_amx_by_default():
     env = _env_after_set(load_config(CONFIGS / "cpu-pd.yaml"))
     assert env["PDSERVE_CPU_NO_AMX"] == "1"
+    assert env["PDSERVE_MQ_NO_SPIN"] == "1"
     assert "child_guard" in env["PYTHONPATH"]  # where the switch is read
 
 
@@ -43,6 +46,27 @@ def test_the_switch_hides_amx_from_vllms_isa_probe():
     out = subprocess.run([sys.executable, "-c", probe], env=dict(os.environ, PYTHONPATH=str(guard),
                          PDSERVE_CPU_NO_AMX="1"), capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
+
+
+_SPIN_PROBE = """
+import zmq
+from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+ctx = zmq.Context()
+reader = SpinCondition(is_reader=True, context=ctx, notify_address="inproc://r")
+writer = SpinCondition(is_reader=False, context=ctx, notify_address="inproc://w")
+print(reader.busy_loop_s, writer.busy_loop_s)
+"""
+
+
+@pytest.mark.parametrize("switch, reader_spin_s", [("1", "0"), ("0", "1")])
+def test_the_switch_stops_vllms_queue_readers_spinning(switch, reader_spin_s):
+    import subprocess
+    import sys
+
+    guard = Path(__file__).resolve().parents[1] / "engine" / "child_guard"
+    out = subprocess.run([sys.executable, "-c", _SPIN_PROBE], env=dict(os.environ, PYTHONPATH=str(guard),
+                         PDSERVE_MQ_NO_SPIN=switch), capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == [reader_spin_s, "0"], out.stderr[-2000:]
 
 
 def test_engines_use_the_replicas_advertised_address():

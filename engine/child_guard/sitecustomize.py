@@ -43,3 +43,48 @@ if os.environ.get("PDSERVE_CPU_NO_AMX") == "1":
     import torch
 
     torch.cpu._is_amx_tile_supported = lambda: False
+
+# 4. PDSERVE_MQ_NO_SPIN=1: vLLM's shared-memory queue readers (a worker waiting for its next
+#    step, the engine core waiting for the worker's answer) poll the queue in a Python loop for
+#    a second after every message before they sleep on their socket. An engine with one core
+#    has no core to spare for that loop: during one 1.5 s P/D request in the lab, the decode
+#    worker's main thread took 830 ms of CPU, the threads pulling its KV 30 ms, and inline gRPC
+#    pulls ran at a quarter of a plain TCP stream. Readers here sleep on the socket at once
+#    (the writer notifies it on every message). Reaches into SpinCondition of
+#    vllm/distributed/device_communicators/shm_broadcast.py (vllm 0.32.0), patched as the
+#    module loads, so vLLM itself is not imported early.
+if os.environ.get("PDSERVE_MQ_NO_SPIN") == "1":
+    import sys as _sys
+
+    class _PatchShmBroadcast:
+        _NAME = "vllm.distributed.device_communicators.shm_broadcast"
+
+        def find_spec(self, name, path=None, target=None):
+            if name != self._NAME:
+                return None
+            _sys.meta_path.remove(self)
+            import importlib.util
+
+            spec = importlib.util.find_spec(name)
+            if spec is None or spec.loader is None:
+                return spec
+            exec_module = spec.loader.exec_module
+
+            def exec_and_patch(module):
+                exec_module(module)
+                cls = getattr(module, "SpinCondition", None)
+                if cls is None:
+                    return
+                init = cls.__init__
+
+                def __init__(self, *args, **kwargs):
+                    init(self, *args, **kwargs)
+                    if getattr(self, "is_reader", False):
+                        self.busy_loop_s = 0
+
+                cls.__init__ = __init__
+
+            spec.loader.exec_module = exec_and_patch
+            return spec
+
+    _sys.meta_path.insert(0, _PatchShmBroadcast())
