@@ -133,8 +133,8 @@ class GrpcKVConnector(KVConnectorBase_V1):
         self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
-        """Hands the worker everything planned since the last step."""
-        return self._scheduler.build_connector_meta()
+        """Hands the worker everything planned since the last step, and whether the step runs the model."""
+        return self._scheduler.build_connector_meta(scheduler_output.total_num_scheduled_tokens)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """Prefill: keep the blocks on a lease and return where to pull them from.

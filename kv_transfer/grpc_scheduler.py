@@ -29,6 +29,8 @@ class GrpcKVMetadata(KVConnectorMetadata):
     # decode: blocks to pull, and leases to end without pulling (request aborted first)
     pulls: list[PullJob] = field(default_factory=list)
     releases: list[PullJob] = field(default_factory=list)
+    # False when this engine step computes no token (the engine only waits on transfers)
+    runs_model: bool = True
 
 
 def _is_remote_prefill(params: dict[str, Any] | None) -> bool:
@@ -75,8 +77,9 @@ class GrpcKVScheduler:
         # One transfer per request; the second call (after the load) must not pull again.
         params["do_remote_prefill"] = False
 
-    def build_connector_meta(self) -> GrpcKVMetadata:
+    def build_connector_meta(self, scheduled_tokens: int) -> GrpcKVMetadata:
         meta, self._meta = self._meta, GrpcKVMetadata()
+        meta.runs_model = scheduled_tokens > 0
         return meta
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:

@@ -24,6 +24,13 @@ from pdserve.kv_transfer.kv_server import KVStreamServicer, LeaseTable, start_se
 
 logger = logging.getLogger("pdserve.kv_transfer")
 
+# How long an engine step that runs no model waits for one of its pulls (decode) or of the
+# streams it serves (prefill) to end. vLLM steps such
+# an engine every millisecond or so, and on an engine with one core each of those steps takes
+# the core and the GIL from the pull it waits for: inline pulls across hosts ran at a third of
+# their speed. A request that arrives meanwhile waits at most this long for the next step.
+IDLE_STEP_WAIT_S = 0.01
+
 
 class GrpcKVWorker:
     def __init__(self, engine_id: str, settings: GrpcKVSettings, num_blocks: int,
@@ -40,6 +47,9 @@ class GrpcKVWorker:
         self._puller: KVPuller | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._pull_ended = threading.Condition(self._lock)
+        self._in_flight = 0
+        self._step_runs_model = True
         self._loaded: set[str] = set()
         self._failed: set[str] = set()
         self._stats = GrpcKVStats()
@@ -61,14 +71,25 @@ class GrpcKVWorker:
     def start_load_kv(self, meta: GrpcKVMetadata) -> None:
         for request_id, (block_ids, expires_at) in meta.leases.items():
             self.leases.add(request_id, block_ids, expires_at)
+        self._step_runs_model = meta.runs_model
         if self._pool is None:
             return
         for job in meta.pulls:
+            with self._lock:
+                self._in_flight += 1
             self._pool.submit(self._pull, job)
         for job in meta.releases:
             self._pool.submit(self._puller.release, job, False)
 
     def _pull(self, job: PullJob) -> None:
+        try:
+            self._pull_once(job)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._pull_ended.notify_all()
+
+    def _pull_once(self, job: PullJob) -> None:
         start = time.perf_counter()
         try:
             pulled = self._puller.pull(job)
@@ -95,6 +116,8 @@ class GrpcKVWorker:
     def get_transfer_results(self) -> KVConnectorTransferResults:
         sending: set[str] = set()
         if self.is_producer:
+            if not self._step_runs_model:
+                self.leases.wait_for_a_stream_to_end(IDLE_STEP_WAIT_S)
             sending, expired = self.leases.collect_ended(time.monotonic())
             if expired:
                 logger.warning("%d KV lease(s) expired without a pull; blocks freed", expired)
@@ -102,6 +125,8 @@ class GrpcKVWorker:
                     for _ in range(expired):
                         self._stats.record_expired_lease()
         with self._lock:
+            if not self._step_runs_model and self._in_flight and not (self._loaded or self._failed):
+                self._pull_ended.wait(IDLE_STEP_WAIT_S)
             loaded, failed = self._loaded, self._failed
             self._loaded, self._failed = set(), set()
         return KVConnectorTransferResults(

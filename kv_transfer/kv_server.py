@@ -79,6 +79,13 @@ class LeaseTable:
             lease = self.leases.get(request_id)
             if lease is not None:
                 lease.active_streams -= 1
+                self.cond.notify_all()
+
+    def wait_for_a_stream_to_end(self, timeout_s: float) -> None:
+        """Returns when a stream ends, or after ``timeout_s``; at once when none is streaming."""
+        with self.cond:
+            if any(lease.active_streams for lease in self.leases.values()):
+                self.cond.wait(timeout_s)
 
     def release(self, request_id: str) -> bool:
         with self.cond:
