@@ -2,7 +2,9 @@
 
 * ``monolithic`` (whole on one engine): the ladder sent the request to its degraded target
   (a prefill engine, so decode KV stays for Critical), the cluster is monolithic, or the
-  A/B split put the request's session on its monolithic arm;
+  A/B split put the request's session on its monolithic arm, or the request asks for
+  several choices (``n`` other than 1: router/protocol.py ``serves_whole``; its response
+  says ``x-pdserve-monolithic-cause: several_choices``);
 * ``pd``: a prefill leg, then a decode leg. Its fallbacks are decided as its legs run
   (router/legs.py), since most of them are failures only the legs can see.
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
 from pdserve.router.context import RequestCtx
+from pdserve.router.protocol import serves_whole
 
 if TYPE_CHECKING:
     from pdserve.router.core import Router
@@ -31,14 +34,18 @@ PD = Plan("pd", "pd")
 DEGRADED = Plan("monolithic", "degraded", ("prefill", "decode"))  # on decode if no prefill is healthy
 MONOLITHIC_CLUSTER = Plan("monolithic", "monolithic_cluster", ("monolithic",))
 AB_MONOLITHIC = Plan("monolithic", "ab_monolithic", ("decode", "prefill"))  # prefill if no decode is healthy
+SEVERAL_CHOICES = Plan("monolithic", "several_choices", ("decode", "prefill"))
 
 
-def choose_plan(mode: str, degraded_target: Optional[str], ab_arm: Callable[[], str]) -> Plan:
-    """The path decision. ``ab_arm`` is asked only for a P/D cluster's undegraded request."""
+def choose_plan(mode: str, degraded_target: Optional[str], ab_arm: Callable[[], str], whole: bool = False) -> Plan:
+    """The path decision. ``whole``: the request must be served whole (several choices).
+    ``ab_arm`` is asked only for a P/D cluster's undegraded request that may be split."""
     if degraded_target == "prefill":
         return DEGRADED
     if mode == "monolithic":
         return MONOLITHIC_CLUSTER
+    if whole:
+        return SEVERAL_CHOICES
     if ab_arm() == "monolithic":
         return AB_MONOLITHIC
     return PD
@@ -49,7 +56,11 @@ class Planner:
         self.router = router
 
     def plan(self, ctx: RequestCtx) -> Plan:
-        return choose_plan(self.router.mode, ctx.ticket.degraded_target, lambda: self.ab_arm(ctx))
+        plan = choose_plan(self.router.mode, ctx.ticket.degraded_target, lambda: self.ab_arm(ctx),
+                           whole=serves_whole(ctx.endpoint, ctx.body))
+        if plan is SEVERAL_CHOICES:
+            ctx.headers["x-pdserve-monolithic-cause"] = plan.reason
+        return plan
 
     def ab_arm(self, ctx: RequestCtx) -> str:
         """The request's A/B arm ("pd" while the split is off), recorded in a header and a metric."""

@@ -36,6 +36,16 @@ def parse_json_body(raw: bytes, max_bytes: int) -> dict[str, Any]:
     return body
 
 
+def serves_whole(endpoint: str, body: dict[str, Any]) -> bool:
+    """Whether a request asks for several choices (``n`` other than 1), which the router
+    serves whole on one engine (router/plan.py): vLLM's own serving layer then answers it
+    exactly as vLLM's server does, n=0 or a negative n refused with its own 400. A P/D
+    split buys nothing there (the choices share one prompt) and its prefill leg, one
+    choice of one token, could not stand in for them."""
+    n = body.get("n")
+    return n is not None and n != 1
+
+
 @dataclass
 class CheckedRequest:
     body: dict[str, Any]
@@ -82,8 +92,6 @@ class RequestChecker:
         if max_tokens is not None and min_tokens > max_tokens:  # vLLM's SamplingParams check, before any KV
             raise ApiError(400, f"min_tokens must be less than or equal to max_tokens={max_tokens}, got {min_tokens}.",
                            param="min_tokens")
-        if getattr(req, "n", 1) not in (None, 1):
-            raise ApiError(400, "only n=1 is supported", param="n")
         prompt_tokens = self._count_prompt(endpoint, body)
         if prompt_tokens >= self.max_model_len:
             raise ApiError(400, f"the prompt has {prompt_tokens} tokens; this model's context is {self.max_model_len}",

@@ -59,3 +59,59 @@ def test_a_field_vllm_refuses_is_still_refused_as_vllm_does():
     c = vllm_cluster()
     r = serve(c, body)
     assert r.status_code == 400 and "min_tokens must be less than or equal to max_tokens=6" in r.text
+
+
+# ---------------------------------------------------------------------------- several choices (n)
+
+
+@pytest.mark.parametrize("endpoint,base", [("chat", CHAT), ("completions", COMPLETION)])
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_n_above_one_is_served_whole_on_one_engine(endpoint, base, stream):
+    body = dict(base, n=2, temperature=0.8, stream=stream)
+    c = vllm_cluster()
+    r = serve(c, body, endpoint)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-pdserve-path"] == "monolithic"
+    assert r.headers["x-pdserve-monolithic-cause"] == "several_choices"
+    assert r.headers["x-pdserve-decode-replica"] == "d0" and "x-pdserve-prefill-replica" not in r.headers
+    assert c.engines["p0"].calls == []  # no prefill leg
+    (_, dbody), = c.engines["d0"].calls
+    assert dbody["n"] == 2 and "kv_transfer_params" not in dbody
+    assert c.router.metrics.requests.labels("monolithic", endpoint, "200")._value.get() == 1
+
+
+@pytest.mark.parametrize("n,message", [(0, "n must be at least 1, got 0."), (-1, "n must be at least 1, got -1."),
+                                       (2, "n must be 1 when using greedy sampling, got 2.")])
+def test_n_vllm_refuses_gets_vllms_own_400(n, message):
+    c = vllm_cluster()
+    r = serve(c, dict(CHAT, n=n))  # CHAT is greedy (temperature 0)
+    assert r.status_code == 400 and r.json()["error"]["message"] == message
+    assert r.headers["x-pdserve-path"] == "monolithic" and c.engines["p0"].calls == []
+
+
+def test_n_one_still_takes_the_pd_path():
+    c = vllm_cluster()
+    r = serve(c, dict(CHAT, n=1))
+    assert r.status_code == 200 and r.headers["x-pdserve-path"] == "pd"
+    assert "x-pdserve-monolithic-cause" not in r.headers
+
+
+def test_n_above_one_falls_to_prefill_when_no_decode_is_healthy():
+    c = vllm_cluster()
+    c.state("d0").healthy = False
+    r = serve(c, dict(CHAT, n=2, temperature=0.8))
+    assert r.status_code == 200 and r.headers["x-pdserve-path"] == "monolithic"
+    assert r.headers["x-pdserve-engine-replica"] == "p0" and c.engines["d0"].calls == []
+
+
+def test_a_cut_stream_of_several_choices_is_not_resumed():
+    c = MemoryCluster("pd")
+    c.add("prefill", VllmCheckedEngine("prefill", "p0"))
+    c.add("decode", VllmCheckedEngine("decode", "d0", end_after=3))
+    c.add("decode", VllmCheckedEngine("decode", "d1", end_after=3))
+    c.build()
+    r = serve(c, dict(CHAT, n=2, temperature=0.8, stream=True))
+    events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+    assert '"code": 503' in events[-2] and events[-1] == "data: [DONE]"
+    assert len(c.engines["d0"].calls) + len(c.engines["d1"].calls) == 1  # no continuation anywhere
+    assert c.router.metrics.stream_resumes.labels("exhausted")._value.get() == 1
