@@ -81,10 +81,14 @@ class StreamTracker:
 
     def can_resume(self, body: dict[str, Any]) -> bool:
         """Whether a continuation can go on exactly where the stream stopped. Never for a
-        stream of several choices (``n`` other than 1): their chunks interleave, each choice
-        would need its own continuation and some may have finished, so such a stream is not
-        resumed and fails as it did before resume existed (an error event, then [DONE])."""
-        return self.prompt_ids is not None and not self.finished and (body.get("n") or 1) == 1
+        stream of several choices (``n`` other than 1, or a /v1/completions prompt list):
+        their chunks interleave, each choice would need its own continuation and some may
+        have finished, so such a stream is not resumed and fails as it did before resume
+        existed (an error event, then [DONE])."""
+        prompt = body.get("prompt")
+        several_prompts = isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int)
+        return (self.prompt_ids is not None and not self.finished and (body.get("n") or 1) == 1
+                and not several_prompts)
 
     def continuation(self, body: dict[str, Any], served_name: str) -> dict[str, Any]:
         out = {k: body[k] for k in _SAMPLING_KEYS if k in body}

@@ -36,14 +36,24 @@ def parse_json_body(raw: bytes, max_bytes: int) -> dict[str, Any]:
     return body
 
 
+def prompt_count(prompt: Any) -> int:
+    """How many prompts a /v1/completions ``prompt`` holds, as vLLM reads it: a string or a
+    list of token ids is one; a list of strings or of token-id lists is one per element."""
+    if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt):
+        return len(prompt)
+    return 1
+
+
 def serves_whole(endpoint: str, body: dict[str, Any]) -> bool:
-    """Whether a request asks for several choices (``n`` other than 1), which the router
-    serves whole on one engine (router/plan.py): vLLM's own serving layer then answers it
-    exactly as vLLM's server does, n=0 or a negative n refused with its own 400. A P/D
-    split buys nothing there (the choices share one prompt) and its prefill leg, one
-    choice of one token, could not stand in for them."""
+    """Whether a request asks for several choices (``n`` other than 1, or a /v1/completions
+    prompt list: a choice per prompt), which the router serves whole on one engine
+    (router/plan.py): vLLM's own serving layer then answers it exactly as vLLM's server
+    does, n=0 or a negative n refused with its own 400. A P/D split buys nothing there and
+    its prefill leg, one choice of one token, could not stand in for them."""
     n = body.get("n")
-    return n is not None and n != 1
+    if n is not None and n != 1:
+        return True
+    return endpoint == "completions" and prompt_count(body.get("prompt")) > 1
 
 
 @dataclass
@@ -92,35 +102,44 @@ class RequestChecker:
         if max_tokens is not None and min_tokens > max_tokens:  # vLLM's SamplingParams check, before any KV
             raise ApiError(400, f"min_tokens must be less than or equal to max_tokens={max_tokens}, got {min_tokens}.",
                            param="min_tokens")
-        prompt_tokens = self._count_prompt(endpoint, body)
-        if prompt_tokens >= self.max_model_len:
-            raise ApiError(400, f"the prompt has {prompt_tokens} tokens; this model's context is {self.max_model_len}",
+        counts = self._count_prompts(endpoint, body)
+        longest = max(counts)  # each prompt of a list must fit the context on its own
+        if longest >= self.max_model_len:
+            raise ApiError(400, f"the prompt has {longest} tokens; this model's context is {self.max_model_len}",
                            param="messages" if endpoint == "chat" else "prompt")
         if max_tokens is None:
-            max_tokens = self.max_model_len - prompt_tokens
-        elif prompt_tokens + max_tokens > self.max_model_len:
-            raise ApiError(400, f"prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds this "
+            max_tokens = self.max_model_len - longest
+        elif longest + max_tokens > self.max_model_len:
+            raise ApiError(400, f"prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds this "
                                 f"model's context of {self.max_model_len} tokens", param="max_tokens")
-        return CheckedRequest(body=body, prompt_tokens=prompt_tokens, max_tokens=max_tokens, stream=bool(req.stream))
+        return CheckedRequest(body=body, prompt_tokens=sum(counts), max_tokens=max_tokens, stream=bool(req.stream))
 
-    def _count_prompt(self, endpoint: str, body: dict[str, Any]) -> int:
+    def _count_prompts(self, endpoint: str, body: dict[str, Any]) -> list[int]:
+        """The token count of each prompt: one for chat, one per prompt of a completions list."""
         if endpoint == "chat":
-            try:
-                text = self.tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=False)
-            except Exception as e:  # jinja raises for unknown roles and malformed content
-                raise ApiError(400, f"cannot apply the chat template: {e}", param="messages")
-            # The template writes the special tokens itself, as tokenize=True would encode it;
-            # the Rust tokenizer directly skips transformers' per-call wrapping.
-            if self._fast is not None:
-                return len(self._fast.encode(text, add_special_tokens=False).ids)
-            return len(self.tokenizer.encode(text, add_special_tokens=False))
+            return [self._count_chat(body)]
         prompt = body["prompt"]
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            return [self._count_one(p) for p in prompt]  # a list of strings or of token-id lists
+        return [self._count_one(prompt)]
+
+    def _count_one(self, prompt: Any) -> int:
+        """One completions prompt: a string or a non-empty list of token ids."""
         if isinstance(prompt, str):
             return len(self.tokenizer.encode(prompt, add_special_tokens=True))
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
             return len(prompt)
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            return len(self.tokenizer.encode(prompt[0], add_special_tokens=True))
-        raise ApiError(400, "'prompt' must be a string, a list of token ids, or a one-element list of strings",
-                       param="prompt")
+        raise ApiError(400, "'prompt' must be a string, a list of token ids, or a list of strings or of "
+                            "token-id lists", param="prompt")
+
+    def _count_chat(self, body: dict[str, Any]) -> int:
+        try:
+            text = self.tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # jinja raises for unknown roles and malformed content
+            raise ApiError(400, f"cannot apply the chat template: {e}", param="messages")
+        # The template writes the special tokens itself, as tokenize=True would encode it;
+        # the Rust tokenizer directly skips transformers' per-call wrapping.
+        if self._fast is not None:
+            return len(self._fast.encode(text, add_special_tokens=False).ids)
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
 

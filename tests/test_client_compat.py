@@ -115,3 +115,38 @@ def test_a_cut_stream_of_several_choices_is_not_resumed():
     assert '"code": 503' in events[-2] and events[-1] == "data: [DONE]"
     assert len(c.engines["d0"].calls) + len(c.engines["d1"].calls) == 1  # no continuation anywhere
     assert c.router.metrics.stream_resumes.labels("exhausted")._value.get() == 1
+
+
+# ---------------------------------------------------------------------------- /v1/completions prompt lists
+
+
+@pytest.mark.parametrize("prompt", [["hello there", "general kenobi"], [[5, 6, 7], [8, 9]]], ids=["strings", "ids"])
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_prompt_list_is_served_whole_on_one_engine(prompt, stream):
+    c = vllm_cluster()
+    r = serve(c, dict(COMPLETION, prompt=prompt, stream=stream), "completions")
+    assert r.status_code == 200, r.text
+    assert r.headers["x-pdserve-path"] == "monolithic"
+    assert r.headers["x-pdserve-monolithic-cause"] == "several_choices"
+    assert c.engines["p0"].calls == []
+    (_, dbody), = c.engines["d0"].calls
+    assert dbody["prompt"] == prompt and "kv_transfer_params" not in dbody
+
+
+@pytest.mark.parametrize("prompt", ["hello there", [5, 6, 7], ["hello there"], [[5, 6, 7]]],
+                         ids=["string", "ids", "one-string", "one-id-list"])
+def test_a_single_prompt_still_takes_the_pd_path(prompt):
+    c = vllm_cluster()
+    r = serve(c, dict(COMPLETION, prompt=prompt), "completions")
+    assert r.status_code == 200 and r.headers["x-pdserve-path"] == "pd"
+    (_, pbody), = c.engines["p0"].calls
+    assert pbody["prompt"] == prompt
+
+
+def test_a_cut_stream_of_a_prompt_list_is_not_resumed():
+    from pdserve.decode.resume import StreamTracker
+
+    t = StreamTracker("completions")
+    t.prompt_ids = [1, 2]
+    assert t.can_resume({"prompt": [1, 2]}) and t.can_resume({"prompt": ["a"]})
+    assert not t.can_resume({"prompt": ["a", "b"]}) and not t.can_resume({"prompt": [[1], [2]]})

@@ -74,3 +74,27 @@ def test_min_tokens_above_max_tokens_is_refused_with_vllms_message(checker):
 def test_several_choices_pass_the_checks_as_vllm_serves_them(checker):
     for n in (2, 3):  # vLLM's own server accepts n up to its limit; n=0 and below its engine refuses
         assert checker.check("chat", _chat("x", n=n, temperature=0.7, max_tokens=4)).max_tokens == 4
+
+
+@pytest.mark.parametrize("prompt,count", [("hello world", 1), ([5, 6, 7], 1), (["hello world"], 1), ([[5, 6, 7]], 1),
+                                          (["hello world", "hi"], 2), ([[5, 6, 7], [8, 9]], 2)])
+def test_completions_prompt_lists_are_a_prompt_each(checker, prompt, count):
+    from pdserve.router.protocol import prompt_count, serves_whole
+
+    c = checker.check("completions", {"model": "tiny", "prompt": prompt, "max_tokens": 4})
+    body = {"prompt": prompt}
+    assert prompt_count(prompt) == count and serves_whole("completions", body) == (count > 1)
+    single = checker.check("completions", {"model": "tiny", "prompt": prompt[0] if count > 1 else prompt}).prompt_tokens
+    assert c.prompt_tokens >= single and c.max_tokens == 4
+    if prompt == [[5, 6, 7], [8, 9]]:
+        assert c.prompt_tokens == 5
+
+
+def test_each_prompt_of_a_list_must_fit_the_context(checker):
+    long = [1] * 250
+    checker.check("completions", {"model": "tiny", "prompt": [long, [2, 3]], "max_tokens": 6})  # 250 + 6 fits
+    with pytest.raises(ApiError, match="exceeds"):
+        checker.check("completions", {"model": "tiny", "prompt": [[2, 3], long], "max_tokens": 7})
+    with pytest.raises(ApiError) as e:
+        checker.check("completions", {"model": "tiny", "prompt": [[2, 3], []]})
+    assert e.value.status == 400
