@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Any, AsyncIterator, Callable, Optional
 
-from pdserve.decode.resume import StreamTracker, error_event
+from pdserve.decode.resume import StreamTracker, error_event, hide_token_ids
 from pdserve.engine.leg import Leg
 
 logger = logging.getLogger("pdserve.router")
@@ -32,12 +32,14 @@ class StreamRelay:
 
     ``respawn(dead_leg, continuation_body)`` returns a leg serving the continuation, or
     None. ``on_gap(seconds)`` sees every gap between two token-carrying sends (ITL);
-    ``on_resume(outcome)`` sees "resumed" or "exhausted"."""
+    ``on_resume(outcome)`` sees "resumed" or "exhausted". ``hide_ids``: the router asked
+    for token ids the client did not, so the client is sent the chunks as vLLM writes them
+    without (``hide_token_ids``), after the tracker read them."""
 
     def __init__(self, endpoint: str, leg: Leg, body: dict[str, Any], *, served_name: str, max_resumes: int,
                  t0: float, respawn: Callable[[Leg, dict[str, Any]], Optional[Leg]],
                  on_gap: Callable[[float], None] = lambda s: None,
-                 on_resume: Callable[[str], None] = lambda outcome: None) -> None:
+                 on_resume: Callable[[str], None] = lambda outcome: None, hide_ids: bool = False) -> None:
         self.tracker = StreamTracker(endpoint)
         self.leg = leg  # the leg serving the stream now (a continuation's after a resume)
         self.body = body
@@ -47,6 +49,7 @@ class StreamRelay:
         self.respawn = respawn
         self.on_gap = on_gap
         self.on_resume = on_resume
+        self.hide_ids = hide_ids
         self.resumes = 0
         self.ttft: Optional[float] = None
         self.last: Optional[float] = None  # when the last token-carrying chunk was sent
@@ -91,7 +94,7 @@ class StreamRelay:
                 self.on_gap(now - self.last)
             self.tokens += n
             self.last = now
-        return text
+        return hide_token_ids(text) if self.hide_ids else text
 
     async def _next_chunks(self) -> Optional[list[str]]:
         """The next chunks of the current leg; None when it ended or broke."""

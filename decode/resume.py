@@ -1,7 +1,8 @@
 """Mid-stream resume: when the engine serving a stream dies, continue it on another engine.
 
-The router asks every streamed request for token ids (``return_token_ids``), so it knows
-the prompt's ids (first chunk) and every id it has sent. The continuation is a
+The router asks a streamed request for token ids (``return_token_ids``: router/intake.py
+``wants_resume_ids``), so it knows the prompt's ids (first chunk) and every id it has sent;
+a client that did not ask for them never sees them (``hide_token_ids``). The continuation is a
 ``/v1/completions`` call on a healthy engine whose prompt is those ids: a full prefill of
 prompt plus sent tokens, then greedy (or seeded) decoding goes on exactly where it stopped.
 Its chunks are rewritten into the original stream's format, id and model, so the client
@@ -20,6 +21,42 @@ _SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos"
 
 
 _IDS_KEY = '"token_ids":['
+
+# The tail of a token-id list's key: at the top of a chunk (chat's prompt_token_ids) or in
+# a choice (token_ids, completions' prompt_token_ids). Inside a JSON string every quote is
+# escaped, so an unescaped ``"token_ids":[`` can only be a key.
+_IDS_TAIL = 'token_ids":['
+# A chat chunk vLLM sends only because token ids were asked for: nothing in its delta, no
+# logprobs, no finish (chat_completion/serving.py skips it when return_token_ids is off).
+_IDS_ONLY_CHAT_CHUNK = '"delta":{},"logprobs":null,"finish_reason":null'
+
+
+def hide_token_ids(text: str) -> str:
+    """SSE text as vLLM writes it when ``return_token_ids`` is off, from text written with it
+    on: every ``token_ids`` / ``prompt_token_ids`` list is ``null`` again (vLLM sets those
+    fields to None, which its ``exclude_unset`` dump still writes), and the chat chunks sent
+    only for their ids are dropped. No JSON parse and no regular expression: string finds
+    over text that has the key (about a third of a regex pass), and a split into events only
+    for the rare chunk with an empty delta. The text itself when there is nothing to hide."""
+    at = text.find(_IDS_TAIL)
+    if at < 0:
+        return text
+    parts, last = [], 0
+    while at >= 0:
+        start = at + len(_IDS_TAIL)
+        end = text.find("]", start)
+        if end < 0:
+            break
+        if text[at - 1] == '"' or text.endswith('"prompt_', 0, at):  # not logprob_token_ids or the like
+            parts.append(text[last:start - 1])
+            parts.append("null")
+            last = end + 1
+        at = text.find(_IDS_TAIL, end + 1)
+    parts.append(text[last:])
+    text = "".join(parts)
+    if _IDS_ONLY_CHAT_CHUNK in text:
+        text = "".join(e + "\n\n" for e in text.split("\n\n") if e and _IDS_ONLY_CHAT_CHUNK not in e)
+    return text
 
 
 class StreamTracker:
@@ -84,11 +121,13 @@ class StreamTracker:
         stream of several choices (``n`` other than 1, or a /v1/completions prompt list):
         their chunks interleave, each choice would need its own continuation and some may
         have finished, so such a stream is not resumed and fails as it did before resume
-        existed (an error event, then [DONE])."""
+        existed (an error event, then [DONE]). Nor for a stream whose engine was not asked
+        for token ids (``return_token_ids``): an echo stream, whose prompt ids come back
+        without the ids it sent."""
         prompt = body.get("prompt")
         several_prompts = isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int)
         return (self.prompt_ids is not None and not self.finished and (body.get("n") or 1) == 1
-                and not several_prompts)
+                and not several_prompts and bool(body.get("return_token_ids")))
 
     def continuation(self, body: dict[str, Any], served_name: str) -> dict[str, Any]:
         out = {k: body[k] for k in _SAMPLING_KEYS if k in body}
@@ -124,7 +163,8 @@ class StreamTracker:
             if not choices:
                 continue
             obj = "chat.completion.chunk" if self.endpoint == "chat" else "text_completion"
-            out.append("data: " + json.dumps({**self.head, "object": obj, "choices": choices}))
+            # compact, as vLLM writes its chunks (and as hide_token_ids reads them)
+            out.append("data: " + json.dumps({**self.head, "object": obj, "choices": choices}, separators=(",", ":")))
         return "".join(line + "\n\n" for line in out)
 
 

@@ -22,6 +22,7 @@ class RequestCtx:
         self.ticket: Optional[Ticket] = None
         self.headers: dict[str, str] = {}
         self.output_tokens = 0
+        self.hide_ids = False  # the router asked for token ids the client did not (router/intake.py)
 
     @property
     def body(self) -> dict[str, Any]:

@@ -10,10 +10,20 @@ from fastapi.responses import JSONResponse
 
 from pdserve.admission.rejection import Rejection
 from pdserve.router.context import RequestCtx
-from pdserve.router.protocol import ApiError, parse_json_body
+from pdserve.router.protocol import ApiError, CheckedRequest, parse_json_body, serves_whole
 
 if TYPE_CHECKING:
     from pdserve.router.core import Router
+
+
+def wants_resume_ids(endpoint: str, checked: CheckedRequest) -> bool:
+    """Whether the router asks the engine for token ids, for mid-stream resume: a stream of
+    one choice, and not a /v1/completions echo (with return_token_ids vLLM echoes no prompt
+    text), so such streams are served exactly as vLLM serves them and are not resumed."""
+    body = checked.body
+    if not checked.stream or serves_whole(endpoint, body):
+        return False
+    return not (endpoint == "completions" and body.get("echo"))
 
 
 class Intake:
@@ -31,8 +41,10 @@ class Intake:
             raw = await request.body()
             body = parse_json_body(raw, self.max_body_bytes)
             checked = self.checker.check(ctx.endpoint, body)
-            if checked.stream:
-                # Token ids let a broken stream resume elsewhere exactly where it stopped (decode/resume.py).
+            if wants_resume_ids(ctx.endpoint, checked):
+                # Token ids let a broken stream resume elsewhere exactly where it stopped
+                # (decode/resume.py); a client that did not ask for them is not sent them.
+                ctx.hide_ids = not checked.body.get("return_token_ids")
                 checked.body["return_token_ids"] = True
             ctx.checked = checked
         except ApiError as e:

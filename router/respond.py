@@ -67,7 +67,8 @@ class Responder:
                             max_resumes=self.cfg.fallback.max_stream_resumes, t0=ctx.t0,
                             respawn=self.placement.respawn,
                             on_gap=lambda seconds: m.itl.labels(path, ctx.cls).observe(seconds),
-                            on_resume=lambda outcome: m.stream_resumes.labels(outcome).inc())
+                            on_resume=lambda outcome: m.stream_resumes.labels(outcome).inc(),
+                            hide_ids=ctx.hide_ids)
         chunks = relay.run(first_chunk)
         try:
             async for text in chunks:

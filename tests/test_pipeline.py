@@ -12,7 +12,7 @@ from pdserve.bench.stub_engine import stub_token_ids
 from pdserve.fallback.policy import FallbackCause
 from pdserve.router.plan import AB_MONOLITHIC, DEGRADED, MONOLITHIC_CLUSTER, PD, choose_plan
 
-STREAM = dict(CHAT, stream=True)
+STREAM = dict(CHAT, stream=True, return_token_ids=True)  # the client asks for the ids it checks
 
 
 def metric(counter, *labels) -> float:

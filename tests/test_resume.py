@@ -16,7 +16,8 @@ def test_tracker_builds_the_exact_continuation_and_rewrites_it_as_chat():
                       "choices": [{"delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}))
     t.observe(_event({"id": "chatcmpl-1", "choices": [{"delta": {"content": "a"}, "token_ids": [11]}]})
               + _event({"id": "chatcmpl-1", "choices": [{"delta": {"content": "b"}, "token_ids": [12]}]}))
-    body = {"messages": [], "max_tokens": 10, "temperature": 0, "seed": 3, "stream_options": {}, "n": 1}
+    body = {"messages": [], "max_tokens": 10, "temperature": 0, "seed": 3, "stream_options": {}, "n": 1,
+            "return_token_ids": True}
     assert t.can_resume(body)
     cont = t.continuation(body, "tiny")
     assert cont == {"temperature": 0, "seed": 3, "max_tokens": 8, "model": "tiny", "prompt": [5, 6, 7, 11, 12],
@@ -37,11 +38,13 @@ def test_tracker_builds_the_exact_continuation_and_rewrites_it_as_chat():
 def test_no_resume_without_prompt_ids_after_the_finish_or_for_n_above_one():
     t = StreamTracker("completions")
     t.observe(_event({"id": "c", "choices": [{"text": "a", "token_ids": [1]}]}))
-    assert not t.can_resume({})  # the first chunk carried no prompt ids
+    ids = {"return_token_ids": True}  # what the router asks a stream it may resume for
+    assert not t.can_resume(ids)  # the first chunk carried no prompt ids
     t.observe(_event({"id": "c", "prompt_token_ids": [9], "choices": []}))
-    assert t.can_resume({}) and not t.can_resume({"n": 2})
+    assert t.can_resume(ids) and not t.can_resume(dict(ids, n=2))
+    assert not t.can_resume({})  # token ids not asked for (an echo stream): its sent ids are unknown
     t.observe(_event({"id": "c", "choices": [{"text": "b", "token_ids": [2], "finish_reason": "stop"}]}))
-    assert not t.can_resume({})
+    assert not t.can_resume(ids)
 
 
 def test_error_event_is_openai_shaped_and_ends_the_stream():
@@ -57,7 +60,7 @@ def test_completions_streams_carry_prompt_ids_per_choice():
              "choices": [{"index": 0, "text": "a", "prompt_token_ids": [5, 6, 7], "token_ids": [11],
                           "finish_reason": None}]}
     t.observe(f"data: {json.dumps(first)}\n\n")
-    assert t.can_resume({"prompt": "x"})
+    assert t.can_resume({"prompt": "x", "return_token_ids": True})
     body = t.continuation({"prompt": "x", "max_tokens": 4, "temperature": 0}, "tiny")
     assert body["prompt"] == [5, 6, 7, 11] and body["max_tokens"] == 3
 
