@@ -39,7 +39,8 @@ class StreamRelay:
     def __init__(self, endpoint: str, leg: Leg, body: dict[str, Any], *, served_name: str, max_resumes: int,
                  t0: float, respawn: Callable[[Leg, dict[str, Any]], Optional[Leg]],
                  on_gap: Callable[[float], None] = lambda s: None,
-                 on_resume: Callable[[str], None] = lambda outcome: None, hide_ids: bool = False) -> None:
+                 on_resume: Callable[[str], None] = lambda outcome: None, hide_ids: bool = False,
+                 max_model_len: Optional[int] = None) -> None:
         self.tracker = StreamTracker(endpoint)
         self.leg = leg  # the leg serving the stream now (a continuation's after a resume)
         self.body = body
@@ -50,6 +51,7 @@ class StreamRelay:
         self.on_gap = on_gap
         self.on_resume = on_resume
         self.hide_ids = hide_ids
+        self.max_model_len = max_model_len
         self.resumes = 0
         self.ttft: Optional[float] = None
         self.last: Optional[float] = None  # when the last token-carrying chunk was sent
@@ -111,7 +113,7 @@ class StreamRelay:
     def _resume(self) -> bool:
         new_leg = None
         if self.resumes < self.max_resumes and self.tracker.can_resume(self.body):
-            new_leg = self.respawn(self.leg, self.tracker.continuation(self.body, self.served_name))
+            new_leg = self.respawn(self.leg, self.tracker.continuation(self.body, self.served_name, self.max_model_len))
         if new_leg is None:
             self.on_resume("exhausted")
             return False

@@ -19,6 +19,8 @@ _SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos"
                   "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
                   "skip_special_tokens", "spaces_between_special_tokens")
 
+# vLLM's /v1/completions default max_tokens (CompletionRequest in vllm 0.32.0)
+_COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 _IDS_KEY = '"token_ids":['
 
@@ -129,12 +131,26 @@ class StreamTracker:
         return (self.prompt_ids is not None and not self.finished and (body.get("n") or 1) == 1
                 and not several_prompts and bool(body.get("return_token_ids")))
 
-    def continuation(self, body: dict[str, Any], served_name: str) -> dict[str, Any]:
+    def continuation(self, body: dict[str, Any], served_name: str,
+                     max_model_len: Optional[int] = None) -> dict[str, Any]:
+        """The /v1/completions body that goes on where the stream stopped: the same sampling,
+        and the client's token limits less what it was already sent. A request without a limit
+        ends where vLLM would have ended it: 16 tokens on /v1/completions, the end of the context
+        (``max_model_len``) on chat; the continuation, itself a completions call, is given that
+        limit explicitly (completions would otherwise stop after 16)."""
         out = {k: body[k] for k in _SAMPLING_KEYS if k in body}
+        sent = len(self.sent_ids)
+        prompt = self.prompt_ids + self.sent_ids
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        if limit is None and self.endpoint == "completions":
+            limit = _COMPLETIONS_DEFAULT_MAX_TOKENS
         if limit is not None:
-            out["max_tokens"] = max(1, int(limit) - len(self.sent_ids))
-        out.update(model=served_name, prompt=self.prompt_ids + self.sent_ids, stream=True, return_token_ids=True)
+            out["max_tokens"] = max(1, int(limit) - sent)
+        elif max_model_len is not None:
+            out["max_tokens"] = max(1, max_model_len - len(prompt))
+        if body.get("min_tokens"):
+            out["min_tokens"] = max(0, int(body["min_tokens"]) - sent)
+        out.update(model=served_name, prompt=prompt, stream=True, return_token_ids=True)
         return out
 
     def rewrite(self, event: str) -> str:

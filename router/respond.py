@@ -68,7 +68,7 @@ class Responder:
                             respawn=self.placement.respawn,
                             on_gap=lambda seconds: m.itl.labels(path, ctx.cls).observe(seconds),
                             on_resume=lambda outcome: m.stream_resumes.labels(outcome).inc(),
-                            hide_ids=ctx.hide_ids)
+                            hide_ids=ctx.hide_ids, max_model_len=self.cfg.model.max_model_len)
         chunks = relay.run(first_chunk)
         try:
             async for text in chunks:

@@ -115,3 +115,29 @@ def test_the_fast_path_agrees_with_a_full_parse_on_stub_streams():
             t.observe(e)
         assert t.sent_ids == _full_parse_ids(events) == stub_token_ids(9)
         assert t.finished and t.done and t.prompt_ids
+
+
+def _tracker_after(endpoint: str, prompt: list[int], sent: list[int]) -> StreamTracker:
+    t = StreamTracker(endpoint)
+    t.observe(_event({"id": "x", "created": 1, "model": "tiny", "prompt_token_ids": prompt, "choices": []}))
+    for tok in sent:
+        t.observe(_event({"id": "x", "choices": [{"delta": {"content": "t"}, "token_ids": [tok]}]}))
+    return t
+
+
+def test_a_continuation_without_a_limit_ends_where_vllm_would_have():
+    # chat without max_tokens: vLLM generates to the end of the context, not the 16 a
+    # completions call (the continuation) would default to
+    t = _tracker_after("chat", [1, 2, 3], [4, 5])
+    assert t.continuation({"messages": []}, "tiny", max_model_len=100)["max_tokens"] == 95
+    # completions without max_tokens: vLLM's default of 16, less what was already sent
+    t = _tracker_after("completions", [1, 2, 3], [4, 5])
+    assert t.continuation({"prompt": "x"}, "tiny", max_model_len=100)["max_tokens"] == 14
+
+
+def test_a_continuation_owes_only_the_rest_of_min_tokens():
+    t = _tracker_after("chat", [1, 2, 3], [4, 5, 6])
+    cont = t.continuation({"messages": [], "max_tokens": 10, "min_tokens": 5}, "tiny")
+    assert cont["max_tokens"] == 7 and cont["min_tokens"] == 2
+    cont = t.continuation({"messages": [], "max_tokens": 10, "min_tokens": 2}, "tiny")
+    assert cont["min_tokens"] == 0
