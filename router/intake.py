@@ -4,6 +4,7 @@ Nothing here touches an engine: a request that fails here costs no KV anywhere.
 """
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any, Optional
 
 from fastapi.responses import JSONResponse
@@ -39,8 +40,8 @@ class Intake:
             ctx.tenant = self.tenants.authenticate(request.headers)
             ctx.cls = ctx.tenant.priority_class
             raw = await request.body()
-            body = parse_json_body(raw, self.max_body_bytes)
-            checked = self.checker.check(ctx.endpoint, body)
+            # JSON parsing and prompt tokenizing take milliseconds on long prompts: off the event loop.
+            checked = await asyncio.to_thread(self._check, ctx.endpoint, raw)
             if wants_resume_ids(ctx.endpoint, checked):
                 # Token ids let a broken stream resume elsewhere exactly where it stopped
                 # (decode/resume.py); a client that did not ask for them is not sent them.
@@ -53,3 +54,6 @@ class Intake:
         except Rejection as r:
             return self.account.rejected(r, ctx.cls, ctx.endpoint)
         return None
+
+    def _check(self, endpoint: str, raw: bytes) -> CheckedRequest:
+        return self.checker.check(endpoint, parse_json_body(raw, self.max_body_bytes))

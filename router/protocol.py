@@ -64,6 +64,27 @@ class CheckedRequest:
     stream: bool
 
 
+# What vLLM's chat serving passes to the template besides the messages (and a client may not
+# override through chat_template_kwargs).
+_TEMPLATE_RESERVED = frozenset({"conversation", "messages", "tokenize", "tools", "documents",
+                                "add_generation_prompt", "continue_final_message"})
+
+
+def _template_options(body: dict[str, Any]) -> dict[str, Any]:
+    """The chat template's inputs as vLLM's chat serving gives them, so the router counts the
+    prompt the engine will see: tools, documents, the generation-prompt switches and the
+    client's ``chat_template_kwargs``."""
+    extra = body.get("chat_template_kwargs") or {}
+    options = {k: v for k, v in extra.items() if k not in _TEMPLATE_RESERVED} if isinstance(extra, dict) else {}
+    options.update(add_generation_prompt=body.get("add_generation_prompt", True),
+                   continue_final_message=body.get("continue_final_message", False))
+    if body.get("tools"):
+        options["tools"] = body["tools"]
+    if body.get("documents"):
+        options["documents"] = body["documents"]
+    return options
+
+
 class RequestChecker:
     """Validates bodies against vLLM's own request models, the model name and the context."""
 
@@ -134,7 +155,7 @@ class RequestChecker:
 
     def _count_chat(self, body: dict[str, Any]) -> int:
         try:
-            text = self.tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(body["messages"], tokenize=False, **_template_options(body))
         except Exception as e:  # jinja raises for unknown roles and malformed content
             raise ApiError(400, f"cannot apply the chat template: {e}", param="messages")
         # The template writes the special tokens itself, as tokenize=True would encode it;

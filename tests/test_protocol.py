@@ -98,3 +98,21 @@ def test_each_prompt_of_a_list_must_fit_the_context(checker):
     with pytest.raises(ApiError) as e:
         checker.check("completions", {"model": "tiny", "prompt": [[2, 3], []]})
     assert e.value.status == 400
+
+
+def test_the_prompt_is_counted_with_the_template_options_vllm_uses(checker, monkeypatch):
+    msgs = [{"role": "user", "content": "hello there"}]
+    with_prompt = checker.check("chat", {"messages": msgs}).prompt_tokens
+    without = checker.check("chat", {"messages": msgs, "add_generation_prompt": False}).prompt_tokens
+    assert without < with_prompt  # the assistant header is not written
+    seen = {}
+    real = checker.tokenizer.apply_chat_template
+
+    def spy(messages, **kwargs):
+        seen.update(kwargs)
+        return real(messages, **kwargs)
+
+    monkeypatch.setattr(checker.tokenizer, "apply_chat_template", spy)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    checker.check("chat", {"messages": msgs, "tools": tools, "chat_template_kwargs": {"flavour": 1, "tokenize": True}})
+    assert seen["tools"] == tools and seen["flavour"] == 1 and seen["tokenize"] is False
