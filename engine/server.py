@@ -56,6 +56,19 @@ def side_channel_port(cfg: ClusterConfig, role: Role, index: int) -> int:
     return cfg.kv_transfer.side_channel_base_port + _PORT_OFFSET[role] + index
 
 
+def serving_args(cfg: ClusterConfig, model_path: str) -> list[str]:
+    """vLLM's OpenAI serving layer's command line, as `vllm serve` would take it for this config."""
+    args = ["--model", model_path, "--served-model-name", cfg.model.served_name, "--enable-prompt-tokens-details"]
+    e = cfg.engine
+    if e.chat_template:
+        args += ["--chat-template", e.chat_template]
+    if e.tool_call_parser:
+        args += ["--enable-auto-tool-choice", "--tool-call-parser", e.tool_call_parser]
+    if e.reasoning_parser:
+        args += ["--reasoning-parser", e.reasoning_parser]
+    return args
+
+
 class EngineServer:
     """``run_id`` names this run of the engine (a replica passes its Ray Serve replica id;
     default: a fresh random id): its fault switch belongs to that run alone
@@ -116,6 +129,7 @@ class EngineServer:
             scheduling_policy=cfg.engine.scheduling_policy,
             kv_transfer_config=kv_config,
             disable_log_stats=False,
+            **cfg.engine.engine_kwargs,
         )
 
     def _set_env(self) -> None:
@@ -155,9 +169,7 @@ class EngineServer:
         from vllm.utils.argparse_utils import FlexibleArgumentParser
 
         parser = make_arg_parser(FlexibleArgumentParser())
-        args = parser.parse_args(
-            ["--model", model_path, "--served-model-name", self.cfg.model.served_name, "--enable-prompt-tokens-details"]
-        )
+        args = parser.parse_args(serving_args(self.cfg, model_path))
         state = State()
         tasks = await self.engine.get_supported_tasks()
         await init_app_state(self.engine, state, args, tasks)

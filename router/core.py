@@ -69,5 +69,6 @@ class Router:
     def from_config(cls, cfg: ClusterConfig, pools: dict[str, Pool]) -> "Router":
         """A router with the model's real tokenizer and KV size (loaded from its files)."""
         model_path = resolve_model(cfg.model.path)
-        checker = RequestChecker(cfg.model.served_name, model_path, cfg.model.max_model_len)
+        checker = RequestChecker(cfg.model.served_name, model_path, cfg.model.max_model_len,
+                                 chat_template=cfg.engine.chat_template)
         return cls(cfg, pools, checker, model_kv_bytes_per_token(cfg, model_path))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from pdserve.engine.errors import error_body, validation_message
@@ -66,7 +67,7 @@ class CheckedRequest:
 
 # What vLLM's chat serving passes to the template besides the messages (and a client may not
 # override through chat_template_kwargs).
-_TEMPLATE_RESERVED = frozenset({"conversation", "messages", "tokenize", "tools", "documents",
+_TEMPLATE_RESERVED = frozenset({"chat_template", "conversation", "messages", "tokenize", "tools", "documents",
                                 "add_generation_prompt", "continue_final_message"})
 
 
@@ -88,7 +89,8 @@ def _template_options(body: dict[str, Any]) -> dict[str, Any]:
 class RequestChecker:
     """Validates bodies against vLLM's own request models, the model name and the context."""
 
-    def __init__(self, served_name: str, model_path: str, max_model_len: int) -> None:
+    def __init__(self, served_name: str, model_path: str, max_model_len: int,
+                 chat_template: Optional[str] = None) -> None:
         from transformers import AutoTokenizer
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
@@ -98,6 +100,11 @@ class RequestChecker:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self._fast = getattr(self.tokenizer, "backend_tokenizer", None)
         self._models = {"chat": ChatCompletionRequest, "completions": CompletionRequest}
+        # The engines' template when the config sets one (a file, or the template itself, as vLLM takes it).
+        self._template: dict[str, str] = {}
+        if chat_template:
+            path = Path(chat_template)
+            self._template["chat_template"] = path.read_text() if path.is_file() else chat_template
 
     def check(self, endpoint: str, body: dict[str, Any]) -> CheckedRequest:
         from pydantic import ValidationError
@@ -155,7 +162,8 @@ class RequestChecker:
 
     def _count_chat(self, body: dict[str, Any]) -> int:
         try:
-            text = self.tokenizer.apply_chat_template(body["messages"], tokenize=False, **_template_options(body))
+            text = self.tokenizer.apply_chat_template(body["messages"], tokenize=False, **_template_options(body),
+                                                      **self._template)
         except Exception as e:  # jinja raises for unknown roles and malformed content
             raise ApiError(400, f"cannot apply the chat template: {e}", param="messages")
         # The template writes the special tokens itself, as tokenize=True would encode it;
