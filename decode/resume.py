@@ -4,7 +4,12 @@ The router asks a streamed request for token ids (``return_token_ids``: router/i
 ``wants_resume_ids``), so it knows the prompt's ids (first chunk) and every id it has sent;
 a client that did not ask for them never sees them (``hide_token_ids``). The continuation is a
 ``/v1/completions`` call on a healthy engine whose prompt is those ids: a full prefill of
-prompt plus sent tokens, then greedy (or seeded) decoding goes on exactly where it stopped.
+prompt plus sent tokens, then decoding goes on where it stopped.
+
+Exact for greedy decoding only. Random sampling (seeded or not) continues with a fresh
+sampler: vLLM does not expose a request's generator state, and the seed, passed on again,
+restarts its random stream from the beginning, so a seeded request's tokens after a resume
+are a valid sample but not those of an unbroken run with that seed.
 Its chunks are rewritten into the original stream's format, id and model, so the client
 sees one continuous stream with no duplicated or missing tokens.
 """
