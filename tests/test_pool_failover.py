@@ -29,11 +29,11 @@ def test_without_a_decode_replica_pd_runs_whole_on_prefill_and_returns_to_pd_by_
         d0 = await c.add("decode", FakeEngine("decode", "d0"))
         c.state("d0").healthy = False  # its only replica was killed, or its host is gone
         async with c.client() as http:
-            r1 = await http.post("/v1/chat/completions", json=dict(CHAT, stream=True))
+            r1 = await http.post("/v1/chat/completions", json=dict(CHAT, stream=True, return_token_ids=True))
             r2 = await http.post("/v1/chat/completions", json=CHAT)
             calls_while_down = (len(p0.calls), len(d0.calls))
             c.state("d0").healthy = True  # a decode replica is healthy again (next load poll)
-            r3 = await http.post("/v1/chat/completions", json=dict(CHAT, stream=True))
+            r3 = await http.post("/v1/chat/completions", json=dict(CHAT, stream=True, return_token_ids=True))
         await c.close()
         return c.router, r1, r2, r3, calls_while_down, p0, d0
 
@@ -61,7 +61,7 @@ def test_no_healthy_engine_anywhere_is_an_immediate_503_with_retry_after():
         for rid in ("p0", "d0"):
             c.state(rid).healthy = False
         async with c.client() as http:
-            streamed = await http.post("/v1/chat/completions", json=dict(CHAT, stream=True))
+            streamed = await http.post("/v1/chat/completions", json=dict(CHAT, stream=True, return_token_ids=True))
             plain = await http.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
         await c.close()
         return streamed, plain, engines
@@ -132,9 +132,9 @@ def test_a_refused_decode_replica_is_unhealthy_at_once_and_the_request_still_ser
         p0 = await c.add("prefill", FakeEngine("prefill", "p0"))
         c.add_dead("decode", "d0")  # SIGKILLed since the last load poll
         async with c.client() as http:
-            r1 = await http.post("/v1/chat/completions", json=dict(CHAT, stream=True))
+            r1 = await http.post("/v1/chat/completions", json=dict(CHAT, stream=True, return_token_ids=True))
             healthy_after = c.state("d0").healthy
-            r2 = await http.post("/v1/chat/completions", json=dict(CHAT, stream=True))
+            r2 = await http.post("/v1/chat/completions", json=dict(CHAT, stream=True, return_token_ids=True))
         await c.close()
         return c.router, r1, r2, healthy_after, p0
 

@@ -38,7 +38,7 @@ def test_decode_silent_before_its_first_item_falls_back_to_another_engine():
         p0 = await c.add("prefill", FakeEngine("prefill", "p0"))
         d0 = await c.add("decode", FakeEngine("decode", "d0", hang_after=0))
         async with c.client() as http:
-            task = asyncio.create_task(http.post("/v1/chat/completions", json=dict(CHAT, stream=True)))
+            task = asyncio.create_task(http.post("/v1/chat/completions", json=dict(CHAT, stream=True, return_token_ids=True)))
             await d0.reached_hang.wait()
             still_waiting = await _walk_to_unhealthy(c, "d0", task)
             r = await task
@@ -63,7 +63,7 @@ def test_decode_silent_mid_stream_resumes_from_the_tokens_sent():
         p0 = await c.add("prefill", FakeEngine("prefill", "p0"))
         d0 = await c.add("decode", FakeEngine("decode", "d0", hang_after=2))  # two tokens, then silence
         async with c.client() as http:
-            task = asyncio.create_task(http.post("/v1/chat/completions", json=dict(CHAT, stream=True)))
+            task = asyncio.create_task(http.post("/v1/chat/completions", json=dict(CHAT, stream=True, return_token_ids=True)))
             await d0.reached_hang.wait()
             await _walk_to_unhealthy(c, "d0", task)
             r = await task
@@ -89,7 +89,8 @@ def test_monolithic_engine_silent_mid_stream_resumes_on_another():
         c.state("m1").load["running"] = 50  # so the request starts on m0
         async with c.client() as http:
             task = asyncio.create_task(http.post("/v1/completions", json={
-                "model": "tiny", "prompt": "hello", "max_tokens": 5, "stream": True, "ignore_eos": True}))
+                "model": "tiny", "prompt": "hello", "max_tokens": 5, "stream": True, "ignore_eos": True,
+                "return_token_ids": True}))
             await m0.reached_hang.wait()
             await _walk_to_unhealthy(c, "m0", task)
             r = await task
@@ -126,7 +127,7 @@ def test_a_leg_on_a_replica_that_stays_healthy_is_left_alone():
         await c.add("prefill", FakeEngine("prefill", "p0"))
         d0 = await c.add("decode", FakeEngine("decode", "d0", hang_after=1))  # a slow, live engine
         async with c.client() as http:
-            task = asyncio.create_task(http.post("/v1/chat/completions", json=dict(CHAT, stream=True)))
+            task = asyncio.create_task(http.post("/v1/chat/completions", json=dict(CHAT, stream=True, return_token_ids=True)))
             await d0.reached_hang.wait()
             for _ in range(3):
                 await c.poll()  # it answers its polls
