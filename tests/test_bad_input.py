@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import time
 
+import httpx
 import pytest
 
-from helpers import chat_body, pool_totals, post
+from helpers import chat_body, pool_totals, post, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -27,7 +29,8 @@ CASES = [
     ("unknown model", {"model": "gpt-9", "messages": _msgs(), "max_tokens": 4}, None, 404),
     ("max_tokens zero", {"model": "tiny", "messages": _msgs(), "max_tokens": 0}, None, 400),
     ("max_tokens negative", {"model": "tiny", "messages": _msgs(), "max_tokens": -5}, None, 400),
-    ("prompt plus max_tokens over context", {"model": "tiny", "messages": _msgs("word " * 1000), "max_tokens": 1500},
+    # "word " is 3 tokens of the tiny model's tokenizer: 908 prompt tokens fit its 2048, 2408 do not
+    ("prompt plus max_tokens over context", {"model": "tiny", "messages": _msgs("word " * 300), "max_tokens": 1500},
      None, 400),
     ("prompt alone over context", {"model": "tiny", "messages": _msgs("word " * 2500), "max_tokens": 1}, None, 400),
     ("unknown role", {"model": "tiny", "messages": _msgs(role="wizard"), "max_tokens": 4}, None, 400),
@@ -52,14 +55,47 @@ def test_bad_completions_input(clusters):
     assert r.status_code == 400
 
 
+def _vllm_counter(app: str, deployment: str, name: str) -> float:
+    """vLLM's own Prometheus counter ``name``, summed over one engine deployment's replicas
+    (read from each replica process's registry through Ray's ``__ray_call__``)."""
+    import ray
+
+    def read(_replica, metric):
+        from prometheus_client import REGISTRY
+
+        return sum(s.value for m in REGISTRY.collect() for s in m.samples if s.name == metric)
+
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    actors = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+              if a["namespace"] == "serve" and a["name"].startswith(prefix)]
+    assert actors, f"no replica actor named {prefix}*"
+    return sum(ray.get(ray.get_actor(n, namespace="serve").__ray_call__.remote(read, name), timeout=30)
+               for n in actors)
+
+
 def test_rejected_requests_leave_no_kv_behind(clusters):
-    """A request rejected for its size never reaches prefill, so no blocks wait on a lease."""
-    before = pool_totals(clusters.pd_url, "prefill", "kv_transfers_total")
+    """A request rejected for its size never reaches prefill, so no blocks wait on a lease:
+    the prefill engine's own prompt-token counter (vLLM's) does not move, while the same
+    prompt with a max_tokens that fits moves it by that prompt."""
+    url = clusters.pd_url
+    big = _msgs("word " * 300)  # 908 prompt tokens: a one-token prefill leg of it would fit
+
+    def prefill_prompt_tokens() -> float:
+        return _vllm_counter("pd", "prefill", "vllm:prompt_tokens_total")
+
+    before = prefill_prompt_tokens()
     for _ in range(3):
-        r = post(clusters.pd_url, "/v1/chat/completions",
-                 {"model": "tiny", "messages": _msgs("word " * 1000), "max_tokens": 1500})
-        assert r.status_code == 400
-    import time
+        # 908 + 1500 > 2048: refused at once, before any engine work (so a short timeout)
+        r = httpx.post(url + "/v1/chat/completions", json={"model": "tiny", "messages": big, "max_tokens": 1500},
+                       timeout=30)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "max_tokens"
     time.sleep(1)
-    assert pool_totals(clusters.pd_url, "prefill", "kv_cache_usage") == 0.0
-    assert pool_totals(clusters.pd_url, "prefill", "kv_transfers_total") == before
+    assert prefill_prompt_tokens() == before
+    assert pool_totals(url, "prefill", "kv_cache_usage") == 0.0
+    # The control: the same prompt accepted is prefilled there (the counter can move).
+    ok = post(url, "/v1/chat/completions", {"model": "tiny", "messages": big, "max_tokens": 2})
+    assert ok.status_code == 200 and ok.headers["x-pdserve-path"] == "pd", ok.text
+    prompt = ok.json()["usage"]["prompt_tokens"]
+    wait_for(lambda: prefill_prompt_tokens() - before >= prompt, 10, "the prefill engine's prompt-token counter",
+             0.2)

@@ -6,7 +6,7 @@ import time
 import httpx
 import pytest
 
-from helpers import chat_body, pool_totals
+from helpers import chat_body, pool_totals, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -28,8 +28,32 @@ def test_openai_client_stream_and_non_stream(clusters):
     assert text == full.choices[0].message.content
 
 
+def vllm_counter(app: str, deployment: str, name: str) -> float:
+    """vLLM's own Prometheus counter ``name`` (e.g. ``vllm:generation_tokens_total``), summed
+    over the replicas of one engine deployment: read from the registry of each replica's
+    process (vLLM's PrometheusStatLogger records there), through Ray's ``__ray_call__``."""
+    import ray
+
+    def read(_replica, metric):
+        from prometheus_client import REGISTRY
+
+        return sum(s.value for m in REGISTRY.collect() for s in m.samples if s.name == metric)
+
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    actors = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+              if a["namespace"] == "serve" and a["name"].startswith(prefix)]
+    assert actors, f"no replica actor named {prefix}*"
+    return sum(ray.get(ray.get_actor(n, namespace="serve").__ray_call__.remote(read, name), timeout=30)
+               for n in actors)
+
+
 def test_client_disconnect_aborts_both_engines(clusters):
-    body = chat_body("Write a very long story about prefill and decode.", max_tokens=1500)
+    """A client that hangs up after a few tokens of a 1,500-token answer stops the decode
+    engine: vLLM's own generated-token counter stops far short of max_tokens, and neither
+    engine keeps the request or its KV."""
+    max_tokens = 1500
+    body = chat_body("Write a very long story about prefill and decode.", max_tokens=max_tokens)
+    before = vllm_counter("pd", "decode", "vllm:generation_tokens_total")
     with httpx.Client(timeout=60) as c:
         with c.stream("POST", clusters.pd_url + "/v1/chat/completions", json=dict(body, stream=True)) as r:
             assert r.headers["x-pdserve-path"] == "pd"
@@ -39,16 +63,27 @@ def test_client_disconnect_aborts_both_engines(clusters):
                     got += 1
                 if got >= 5:
                     break
-    # Both engines drop the request and release its KV well before 1500 tokens are done.
-    deadline = time.time() + 20
-    while time.time() < deadline:
+    t_gone = time.monotonic()
+    # Wait for the decode engine to drop the request (running 0), then for its counter to
+    # settle; without the abort it runs on to max_tokens (tens of seconds here) and the
+    # counter reaches 1,500.
+    deadline, running, generated = t_gone + 60, None, None
+    while time.monotonic() < deadline:
         running = pool_totals(clusters.pd_url, "decode", "running")
-        kv = pool_totals(clusters.pd_url, "decode", "kv_cache_usage") + pool_totals(clusters.pd_url, "prefill",
-                                                                                  "kv_cache_usage")
-        if running == 0 and kv == 0:
+        now = vllm_counter("pd", "decode", "vllm:generation_tokens_total") - before
+        if running == 0 and now == generated:
             break
+        generated = now
         time.sleep(0.5)
-    assert running == 0 and kv == 0, (running, kv)
+    generated = vllm_counter("pd", "decode", "vllm:generation_tokens_total") - before
+    stopped_after = time.monotonic() - t_gone
+    print(f"\ndecode generated {generated:.0f} of {max_tokens} tokens; dropped {stopped_after:.1f} s after the hang-up")
+    assert generated >= 4, generated  # the counter does count this request's tokens
+    assert generated < max_tokens / 10, generated
+    assert running == 0, running
+    # Both engines drop the request and release its KV.
+    wait_for(lambda: pool_totals(clusters.pd_url, "decode", "kv_cache_usage")
+             + pool_totals(clusters.pd_url, "prefill", "kv_cache_usage") == 0, 30, "both pools' KV usage at 0", 0.5)
 
 
 def test_metrics_count_requests(clusters):
