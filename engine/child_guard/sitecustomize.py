@@ -50,11 +50,17 @@ if os.environ.get("PDSERVE_CPU_NO_AMX") == "1":
 #    has no core to spare for that loop: during one 1.5 s P/D request in the lab, the decode
 #    worker's main thread took 830 ms of CPU, the threads pulling its KV 30 ms, and inline gRPC
 #    pulls ran at a quarter of a plain TCP stream. Readers here sleep on the socket at once
-#    (the writer notifies it on every message). Reaches into SpinCondition of
+#    (the writer notifies it on every message), and never longer than _POLL_MS at a time:
+#    a notification can be lost (an engine core and its worker both sat in poll, each
+#    waiting for the other, with a request parked), and vLLM's own readers only sleep
+#    after a second without messages, where that is rare. A lost one costs at most _POLL_MS.
+#    Reaches into SpinCondition (__init__, wait, is_reader, busy_loop_s) of
 #    vllm/distributed/device_communicators/shm_broadcast.py (vllm 0.32.0), patched as the
 #    module loads, so vLLM itself is not imported early.
 if os.environ.get("PDSERVE_MQ_NO_SPIN") == "1":
     import sys as _sys
+
+    _POLL_MS = 2
 
     class _PatchShmBroadcast:
         _NAME = "vllm.distributed.device_communicators.shm_broadcast"
@@ -83,6 +89,14 @@ if os.environ.get("PDSERVE_MQ_NO_SPIN") == "1":
                         self.busy_loop_s = 0
 
                 cls.__init__ = __init__
+                wait = cls.wait
+
+                def bounded_wait(self, timeout_ms=None):
+                    if getattr(self, "is_reader", False) and self.busy_loop_s == 0:
+                        timeout_ms = _POLL_MS if timeout_ms is None else min(timeout_ms, _POLL_MS)
+                    return wait(self, timeout_ms)
+
+                cls.wait = bounded_wait
 
             spec.loader.exec_module = exec_and_patch
             return spec
