@@ -69,8 +69,10 @@ def _children(pid: int) -> list[tuple[int, str]]:
 
 
 def _engine_core_pid(replica_pid: int) -> int:
+    """The replica's engine core: its one child that is not multiprocessing's resource tracker.
+    Not found by process title: vLLM's children do not always carry theirs."""
     kids = _children(replica_pid)
-    cores = [pid for pid, cmd in kids if "EngineCore" in cmd]
+    cores = [pid for pid, cmd in kids if "resource_tracker" not in cmd]
     assert len(cores) == 1, f"no single vLLM engine core among the children of {replica_pid}: {kids}"
     return cores[0]
 
