@@ -13,15 +13,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pdserve.engine.policy_config import CLASSES, AdmissionSpec, AuthSpec, ClassSLO, LadderSpec
-# The kv_transfer section lives with kv_transfer/; re-exported here for `from pdserve.engine.config
-# import KVTransferSpec` (and the other three) in code written before it moved.
-from pdserve.kv_transfer.config import GrpcTLSSpec, GrpcTransportSpec, KVTransferSpec, NixlTransportSpec
+from pdserve.kv_transfer.config import KVTransferSpec
 from pdserve.lab.spec import LabSpec
 
-__all__ = [  # what this module offers, re-exports included
+__all__ = [
     "ABSplitSpec", "AdminSpec", "AutoscalingSpec", "ClusterConfig", "DEV_ADMIN_KEY", "EngineOptions",
-    "FallbackSpec", "GrpcTLSSpec", "GrpcTransportSpec", "KVTransferSpec", "LabSpec", "ModelSpec",
-    "NixlTransportSpec", "PoolSpec", "RouterSpec", "SLOSpec", "is_loopback", "load_config",
+    "FallbackSpec", "LabSpec", "ModelSpec", "PoolSpec", "RouterSpec", "SLOSpec", "is_loopback", "load_config",
     "parse_core_set", "resolve_admin_key",
 ]
 

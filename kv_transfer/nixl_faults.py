@@ -27,7 +27,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.stats import NixlKVConnec
 from pdserve.kv_transfer.faults import FaultSwitch
 # The NIXL agent's progress-thread delay, a patch of NIXL's bindings, lives with NIXL's other
 # internals; re-exported here, where it was defined before.
-from pdserve.kv_transfer.nixl_internals import (DEFAULT_PROGRESS_THREAD_DELAY_US,  # noqa: F401
+from pdserve.kv_transfer.nixl_internals import (DEFAULT_PROGRESS_THREAD_DELAY_US,
                                                 PROGRESS_THREAD_DELAY_KEY, set_progress_thread_delay)
 
 if TYPE_CHECKING:

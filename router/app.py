@@ -10,12 +10,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Optional
 
-from pdserve.decode.relay import carries_token as _carries_token  # noqa: F401 - old import path
 from pdserve.engine.config import ClusterConfig
-from pdserve.engine.leg import Leg as _Leg  # noqa: F401 - old import path
-from pdserve.engine.leg import LegLost  # noqa: F401 - old import path
 from pdserve.router.core import Router
-from pdserve.router.http_app import bind_http_socket, build_http_app, serve_http  # noqa: F401
+from pdserve.router.http_app import bind_http_socket, build_http_app, serve_http
 from pdserve.router.pools import Pool
 
 # The core's parts a RouterServer exposes as its own attributes (the admin API and tests use them).

@@ -1,9 +1,9 @@
-"""Mid-stream resume bookkeeping (router/resume.py) on hand-written SSE events."""
+"""Mid-stream resume bookkeeping (decode/resume.py) on hand-written SSE events."""
 from __future__ import annotations
 
 import json
 
-from pdserve.router.resume import StreamTracker, error_event
+from pdserve.decode.resume import StreamTracker, error_event
 
 
 def _event(obj) -> str:

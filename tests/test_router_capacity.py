@@ -1,7 +1,7 @@
 """The router-capacity benchmark's STUB engine (bench/stub_engine.py) and its analysis, without Ray.
 
 The stub's chunks must be what vLLM's OpenAI server writes (they parse as vLLM's own
-response models) and carry what the router reads: router/resume.py StreamTracker must end
+response models) and carry what the router reads: decode/resume.py StreamTracker must end
 ``done`` with exactly the stub's token ids, and router/app.py must count one token per chunk.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pdserve.bench.router_capacity import (InstantStubEngine, analyze_closed_loo
                                            limiting_resource, stub_cluster_config)
 from pdserve.bench.stub_engine import (STUB_KV_PULL, STUB_NAME, StubSettings, stream_chunks, stub_messages,
                                        stub_token_ids)
-from pdserve.router.app import _carries_token
-from pdserve.router.resume import StreamTracker
+from pdserve.decode.relay import carries_token as _carries_token
+from pdserve.decode.resume import StreamTracker
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello there, how are you today?"}],
         "max_tokens": 7, "temperature": 0, "ignore_eos": True, "stream": True,

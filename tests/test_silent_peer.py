@@ -212,7 +212,7 @@ def test_a_ray_streamed_leg_is_given_up_too():
     """token_stream: ray. Ray's own cancel may wait on the lost replica, so the read is raced."""
     from types import SimpleNamespace
 
-    from pdserve.router.app import LegLost, _Leg
+    from pdserve.engine.leg import Leg, LegLost
     from pdserve.router.pools import Pool, ReplicaState
 
     class RayCall:
@@ -237,7 +237,7 @@ def test_a_ray_streamed_leg_is_given_up_too():
     pool.replicas["d0"] = ReplicaState("d0")
 
     async def main():
-        leg = _Leg(pool, "d0", "chat", {})
+        leg = Leg(pool, "d0", "chat", {})
         first = await leg.next_item()
         read = asyncio.create_task(leg.next_item())
         await asyncio.sleep(0.05)
