@@ -110,3 +110,22 @@ def wait_for(predicate, timeout_s: float, what: str, every_s: float = 1.0) -> No
             return
         time.sleep(every_s)
     pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def vllm_counter(app: str, deployment: str, name: str) -> float:
+    """vLLM's own Prometheus counter ``name`` (e.g. ``vllm:generation_tokens_total``), summed
+    over the replicas of one engine deployment: read from the registry of each replica's
+    process (vLLM's PrometheusStatLogger records there), through Ray's ``__ray_call__``."""
+    import ray
+
+    def read(_replica, metric):
+        from prometheus_client import REGISTRY
+
+        return sum(s.value for m in REGISTRY.collect() for s in m.samples if s.name == metric)
+
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    actors = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+              if a["namespace"] == "serve" and a["name"].startswith(prefix)]
+    assert actors, f"no replica actor named {prefix}*"
+    return sum(ray.get(ray.get_actor(n, namespace="serve").__ray_call__.remote(read, name), timeout=30)
+               for n in actors)

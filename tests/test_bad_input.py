@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from helpers import chat_body, pool_totals, post, wait_for
+from helpers import chat_body, pool_totals, post, vllm_counter, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -55,24 +55,6 @@ def test_bad_completions_input(clusters):
     assert r.status_code == 400
 
 
-def _vllm_counter(app: str, deployment: str, name: str) -> float:
-    """vLLM's own Prometheus counter ``name``, summed over one engine deployment's replicas
-    (read from each replica process's registry through Ray's ``__ray_call__``)."""
-    import ray
-
-    def read(_replica, metric):
-        from prometheus_client import REGISTRY
-
-        return sum(s.value for m in REGISTRY.collect() for s in m.samples if s.name == metric)
-
-    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
-    actors = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-              if a["namespace"] == "serve" and a["name"].startswith(prefix)]
-    assert actors, f"no replica actor named {prefix}*"
-    return sum(ray.get(ray.get_actor(n, namespace="serve").__ray_call__.remote(read, name), timeout=30)
-               for n in actors)
-
-
 def test_rejected_requests_leave_no_kv_behind(clusters):
     """A request rejected for its size never reaches prefill, so no blocks wait on a lease:
     the prefill engine's own prompt-token counter (vLLM's) does not move, while the same
@@ -81,7 +63,7 @@ def test_rejected_requests_leave_no_kv_behind(clusters):
     big = _msgs("word " * 300)  # 908 prompt tokens: a one-token prefill leg of it would fit
 
     def prefill_prompt_tokens() -> float:
-        return _vllm_counter("pd", "prefill", "vllm:prompt_tokens_total")
+        return vllm_counter("pd", "prefill", "vllm:prompt_tokens_total")
 
     before = prefill_prompt_tokens()
     for _ in range(3):

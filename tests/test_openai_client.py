@@ -6,7 +6,7 @@ import time
 import httpx
 import pytest
 
-from helpers import chat_body, pool_totals, wait_for
+from helpers import chat_body, pool_totals, vllm_counter, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -26,25 +26,6 @@ def test_openai_client_stream_and_non_stream(clusters):
                                             extra_body={"ignore_eos": True})
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == full.choices[0].message.content
-
-
-def vllm_counter(app: str, deployment: str, name: str) -> float:
-    """vLLM's own Prometheus counter ``name`` (e.g. ``vllm:generation_tokens_total``), summed
-    over the replicas of one engine deployment: read from the registry of each replica's
-    process (vLLM's PrometheusStatLogger records there), through Ray's ``__ray_call__``."""
-    import ray
-
-    def read(_replica, metric):
-        from prometheus_client import REGISTRY
-
-        return sum(s.value for m in REGISTRY.collect() for s in m.samples if s.name == metric)
-
-    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
-    actors = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-              if a["namespace"] == "serve" and a["name"].startswith(prefix)]
-    assert actors, f"no replica actor named {prefix}*"
-    return sum(ray.get(ray.get_actor(n, namespace="serve").__ray_call__.remote(read, name), timeout=30)
-               for n in actors)
 
 
 def test_client_disconnect_aborts_both_engines(clusters):
