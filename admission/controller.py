@@ -23,13 +23,13 @@ from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 from pdserve.admission.budgets import TenantBudgets
+from pdserve.admission.config import AdmissionSpec, LadderSpec
 from pdserve.admission.fleet_gate import FleetState, fleet_gate, kv_fits
 from pdserve.admission.ladder import DegradationLadder
 from pdserve.admission.rejection import Rejection
 from pdserve.admission.slots import ClassSlots
 from pdserve.admission.tenants import Tenant, TenantDirectory
 from pdserve.admission.wfq import FairShare
-from pdserve.engine.policy_config import AdmissionSpec, LadderSpec
 
 CLASS_RANK = {"critical": 0, "standard": 1, "sheddable": 2}
 

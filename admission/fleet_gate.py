@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pdserve.admission.config import AdmissionSpec
 from pdserve.admission.rejection import Rejection
-from pdserve.engine.policy_config import AdmissionSpec
 from pdserve.planner.model_math import shape_from_config
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from pdserve.engine.policy_config import LadderSpec
+from pdserve.admission.config import LadderSpec
 
 TOP_RUNG = 4
 RUNG_NAMES = ("normal", "stop_sheddable", "cap_standard", "degrade_standard", "critical_only")

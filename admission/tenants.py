@@ -10,8 +10,8 @@ import hmac
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+from pdserve.admission.config import AuthSpec, BudgetSpec, TenantSpec, load_keys_file
 from pdserve.admission.rejection import Rejection
-from pdserve.engine.policy_config import AuthSpec, BudgetSpec, TenantSpec, load_keys_file
 
 
 def hash_key(key: str) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Optional
 from pdserve.bench.bench_cli import add_load_args, add_workload_args, check_args, sweep, write_json
 from pdserve.bench.loadgen import ServerUnreachable
 from pdserve.bench.stats import parse_goodput
-from pdserve.engine.config import ClusterConfig, load_config
+from pdserve.settings.cluster import ClusterConfig, load_config
 
 
 class BudgetMismatch(ValueError):

@@ -49,7 +49,7 @@ async def _with_chaos(url: str, bodies, rate: float, kill_at: float | None, heal
 
 def run_arm(name: str, bodies, rate: float, kill_at, heal_at) -> dict:
     from pdserve.bench.cluster_runtime import runtime
-    from pdserve.engine.config import load_config
+    from pdserve.settings.cluster import load_config
 
     rt = runtime()
     url = rt.start_cluster(load_config(ROOT / "configs" / _CONFIGS[name]), port=_free_port())

@@ -91,7 +91,7 @@ def cluster_transfers(transport: str, model: str, lengths: list[int], repeats: i
     import httpx
 
     from pdserve.bench.cluster_runtime import runtime
-    from pdserve.engine.config import load_config
+    from pdserve.settings.cluster import load_config
 
     rt = runtime()
     cfg = load_config(ROOT / "configs" / _CONFIGS[transport])

@@ -352,7 +352,7 @@ def main(argv=None) -> int:
     import httpx
     import yaml
 
-    from pdserve.engine.config import ClusterConfig
+    from pdserve.settings.cluster import ClusterConfig
     from pdserve.lab.hosts import Lab, require_root
     from pdserve.lab.netfaults import LinkFault, active_faults
 

@@ -43,7 +43,7 @@ def _free_port() -> int:
 
 def run_cluster_arm(config: str, bodies, rate: float, warmup) -> dict:
     from pdserve.bench.cluster_runtime import runtime
-    from pdserve.engine.config import load_config
+    from pdserve.settings.cluster import load_config
 
     rt = runtime()
     cfg = load_config(ROOT / "configs" / config)
@@ -61,7 +61,7 @@ async def _direct(bodies, rate: float, warmup) -> list[RequestResult]:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    from pdserve.engine.config import load_config
+    from pdserve.settings.cluster import load_config
     from pdserve.engine.server import EngineServer
 
     cfg = load_config(ROOT / "configs" / "cpu-monolithic.yaml")

@@ -72,7 +72,7 @@ def stub_cluster_config(mode: str = "monolithic", *, port: int = 8471, host: str
     the queueing it would add at the default cap (decode replicas x max_num_seqs) does not
     pass for router overhead; the stubs accept far more ongoing calls than the sweep sends.
     """
-    from pdserve.engine.config import ClusterConfig
+    from pdserve.settings.cluster import ClusterConfig
 
     def pool(first_core: int) -> dict[str, Any]:
         return {"replicas": stub_replicas, "cpu_cores": [str(first_core + i) for i in range(stub_replicas)],

@@ -13,10 +13,11 @@ from ray.serve.config import RequestRouterConfig
 
 from pdserve.cluster.autoscaling import autoscaling_config
 from pdserve.decode.deployment import DecodeServer, MonolithicServer
-from pdserve.engine.config import ClusterConfig, PoolSpec, load_config
+from pdserve.engine.config import PoolSpec
 from pdserve.prefill.deployment import PrefillServer
 from pdserve.router.app import RouterServer
 from pdserve.router.targeting import TargetedRequestRouter
+from pdserve.settings.cluster import ClusterConfig, load_config
 
 _SERVERS = {"prefill": PrefillServer, "decode": DecodeServer, "monolithic": MonolithicServer}
 

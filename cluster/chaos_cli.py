@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlparse
 
-from pdserve.engine.config import DEV_ADMIN_KEY, is_loopback
+from pdserve.router.config import DEV_ADMIN_KEY, is_loopback
 
 
 def add_parser(sub) -> None:

@@ -22,7 +22,7 @@ def _cmd_model(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    from pdserve.engine.config import load_config
+    from pdserve.settings.cluster import load_config
 
     if args.detach and not args.address:
         print("pdserve serve: --detach needs --address (a local Ray cluster stops with this command)",
@@ -65,7 +65,7 @@ def _cmd_serve(args) -> int:
 def _cmd_status(args) -> int:
     url = args.url
     if url is None:
-        from pdserve.engine.config import load_config
+        from pdserve.settings.cluster import load_config
 
         cfg = load_config(args.config)
         url = f"http://{cfg.router.host}:{cfg.router.port}"

@@ -11,7 +11,7 @@ def run_demo(config_path: str, port: int | None, exit_after: bool) -> int:
     from openai import OpenAI
 
     from pdserve.cluster.runtime import start_cluster, stop_cluster
-    from pdserve.engine.config import load_config
+    from pdserve.settings.cluster import load_config
 
     cfg = load_config(config_path)
     print(f"pdserve demo: starting a {cfg.mode} cluster from {config_path} (first start builds the tiny model "

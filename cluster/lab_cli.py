@@ -59,7 +59,7 @@ def run(args) -> int:
 
 
 def _load(path: str):
-    from pdserve.engine.config import load_config
+    from pdserve.settings.cluster import load_config
 
     cfg = load_config(path)
     if cfg.lab is None:

@@ -6,7 +6,7 @@ import time
 import urllib.request
 from typing import Any, Optional
 
-from pdserve.engine.config import ClusterConfig
+from pdserve.settings.cluster import ClusterConfig
 
 
 def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:

@@ -13,10 +13,10 @@ from typing import Any, AsyncIterator, Optional
 
 from ray import serve
 
-from pdserve.engine.config import ClusterConfig
 from pdserve.engine.direct_stream import StreamServer
 from pdserve.engine.little_meter import LittleMeter
 from pdserve.engine.server import EngineServer, Role, advertised_address
+from pdserve.settings.cluster import ClusterConfig
 
 logger = logging.getLogger("pdserve.replica")
 

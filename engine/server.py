@@ -20,12 +20,12 @@ import secrets
 import socket
 from typing import Any, AsyncIterator, Literal, Optional
 
-from pdserve.engine.config import ClusterConfig
 from pdserve.engine.errors import error_body, validation_message
 from pdserve.engine.stats import LoadTracker, stat_logger_factory
 from pdserve.engine.tiny_model import resolve_model
 from pdserve.kv_transfer import nixl_internals, vllm_internals
 from pdserve.kv_transfer.faults import FaultSwitch, fault_file_path, remove_faults, write_faults
+from pdserve.settings.cluster import ClusterConfig
 
 logger = logging.getLogger("pdserve.engine")
 

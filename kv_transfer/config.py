@@ -2,7 +2,7 @@
 
 It lives with kv_transfer/ (each layer's config with its layer) and imports nothing of pdserve,
 so kv_transfer/registry.py reads it without importing engine/ (which imports kv_transfer/);
-engine/config.py's ClusterConfig holds it as its `kv_transfer` section and re-exports these names.
+settings/cluster.py's ClusterConfig holds it as its `kv_transfer` section.
 """
 from __future__ import annotations
 

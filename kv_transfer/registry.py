@@ -11,8 +11,8 @@ from pdserve.kv_transfer.config import KVTransferSpec
 
 
 class HasKVTransfer(Protocol):
-    """What this module reads of a config: its `kv_transfer` section (engine/config.py's
-    ClusterConfig is one). Typed this way so kv_transfer/ never imports engine/."""
+    """What this module reads of a config: its `kv_transfer` section (settings/cluster.py's
+    ClusterConfig is one). Typed this way so kv_transfer/ depends on its own section only."""
 
     kv_transfer: KVTransferSpec
 

@@ -1,6 +1,6 @@
 """The `lab` section of a config: which hosts the lab makes and what each offers Ray.
 
-It imports nothing of pdserve, so the shared config (engine/config.py) can hold it.
+It imports nothing of pdserve, so the whole config (settings/cluster.py) can hold it.
 """
 from __future__ import annotations
 

@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from pdserve.engine.config import DEV_ADMIN_KEY, is_loopback
 from pdserve.engine.errors import error_body
 from pdserve.kv_transfer.faults import FaultSpec
+from pdserve.router.config import DEV_ADMIN_KEY, is_loopback
 from pdserve.router.targeting import TARGET_KWARG
 
 if TYPE_CHECKING:

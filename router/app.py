@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Optional
 
-from pdserve.engine.config import ClusterConfig
 from pdserve.router.core import Router
 from pdserve.router.http_app import bind_http_socket, build_http_app, serve_http
 from pdserve.router.pools import Pool
+from pdserve.settings.cluster import ClusterConfig
 
 # The core's parts a RouterServer exposes as its own attributes (the admin API and tests use them).
 _SHARED = ("cfg", "mode", "pools", "checker", "metrics", "tenants", "admission", "goodput", "split", "breakers",

@@ -9,11 +9,11 @@ from typing import Any
 from pdserve.admission.controller import AdmissionController
 from pdserve.admission.fleet_gate import kv_bytes_per_token
 from pdserve.admission.tenants import TenantDirectory
-from pdserve.engine.config import ClusterConfig, resolve_admin_key
 from pdserve.engine.tiny_model import resolve_model
 from pdserve.fallback.breaker import STATE_VALUE, BreakerSettings, LinkBreakers
 from pdserve.router.ab_split import TrafficSplit
 from pdserve.router.accounting import Accounting
+from pdserve.router.config import resolve_admin_key
 from pdserve.router.goodput import GoodputWindow
 from pdserve.router.legs import LegRunner
 from pdserve.router.metrics import RouterMetrics
@@ -24,6 +24,7 @@ from pdserve.router.pools import Pool
 from pdserve.router.protocol import RequestChecker
 from pdserve.router.respond import Responder
 from pdserve.router.selection import least_loaded
+from pdserve.settings.cluster import ClusterConfig
 
 
 def model_kv_bytes_per_token(cfg: ClusterConfig, model_path: str) -> int:
@@ -56,7 +57,7 @@ class Router:
         self.breakers = LinkBreakers(
             BreakerSettings(fb.link_failure_threshold, fb.link_open_seconds, fb.link_half_open_probes),
             on_change=lambda p, d, state: self.metrics.link_state.labels(p, d).set(STATE_VALUE[state]))
-        self.admin_key = resolve_admin_key(cfg)
+        self.admin_key = resolve_admin_key(cfg.admin)
         # the stages, each after the ones it hands work to
         self.account = Accounting(self)
         self.placement = Placement(self)

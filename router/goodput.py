@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Optional
 
-from pdserve.engine.config import SLOSpec
+from pdserve.router.config import SLOSpec
 
 
 def slo_met(slo: dict[str, Optional[float]], ttft_s: float, tpot_s: Optional[float], e2e_s: float) -> bool:

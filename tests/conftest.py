@@ -54,7 +54,8 @@ class Clusters:
 @pytest.fixture(scope="session")
 def clusters():
     from pdserve.cluster import runtime
-    from pdserve.engine.config import AutoscalingSpec, load_config
+    from pdserve.engine.config import AutoscalingSpec
+    from pdserve.settings.cluster import load_config
 
     pd_cfg = load_config(CONFIGS / "cpu-pd.yaml")
     mono_cfg = load_config(CONFIGS / "cpu-monolithic.yaml")
@@ -108,7 +109,8 @@ MONO_AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "c_knee": 3.0, "safety
 def tenants_config(cfg, port: int):
     """The shipped tenants config on its own port, plus a tenant that may not use the served model."""
     from pdserve.admission.tenants import hash_key
-    from pdserve.engine.policy_config import ClassSLO, TenantSpec
+    from pdserve.admission.config import TenantSpec
+    from pdserve.router.config import ClassSLO
 
     restricted = TenantSpec(name="restricted", models=["some-other-model"], key_sha256=[hash_key(RESTRICTED_KEY)])
     # An end-to-end SLO on Standard that the metrics test controls by request length.

@@ -4,8 +4,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from pdserve.engine.config import DEV_ADMIN_KEY, ClusterConfig
 from pdserve.router.ab_split import TrafficSplit
+from pdserve.router.config import DEV_ADMIN_KEY
+from pdserve.settings.cluster import ClusterConfig
 from tests.helpers import chat_body, metric_samples, post
 
 

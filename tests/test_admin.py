@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from pdserve.engine.config import DEV_ADMIN_KEY, load_config, resolve_admin_key
+from pdserve.router.config import DEV_ADMIN_KEY, resolve_admin_key
+from pdserve.settings.cluster import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +24,7 @@ def _cfg(tmp_path, host: str, admin: str) -> Path:
 def test_shipped_cpu_configs_carry_the_loopback_dev_key():
     for name in ("cpu-pd.yaml", "cpu-pd-grpc.yaml", "cpu-monolithic.yaml"):
         cfg = load_config(ROOT / "configs" / name)
-        assert cfg.router.host == "127.0.0.1" and resolve_admin_key(cfg) == DEV_ADMIN_KEY
+        assert cfg.router.host == "127.0.0.1" and resolve_admin_key(cfg.admin) == DEV_ADMIN_KEY
 
 
 def test_non_loopback_router_needs_its_own_key(tmp_path):
@@ -32,7 +33,7 @@ def test_non_loopback_router_needs_its_own_key(tmp_path):
     with pytest.raises(ValidationError, match="not loopback"):
         load_config(_cfg(tmp_path, "0.0.0.0", "admin: {}\n"))
     cfg = load_config(_cfg(tmp_path, "0.0.0.0", "admin:\n  key: a-long-production-key\n"))
-    assert resolve_admin_key(cfg) == "a-long-production-key"
+    assert resolve_admin_key(cfg.admin) == "a-long-production-key"
     with pytest.raises(ValidationError, match="at least 12"):
         load_config(_cfg(tmp_path, "127.0.0.1", "admin:\n  key: short\n"))
 
@@ -41,9 +42,9 @@ def test_key_from_environment_fails_loudly_when_unset(tmp_path, monkeypatch):
     cfg = load_config(_cfg(tmp_path, "0.0.0.0", "admin:\n  key_env: TEST_PDSERVE_ADMIN\n"))
     monkeypatch.delenv("TEST_PDSERVE_ADMIN", raising=False)
     with pytest.raises(ValueError, match="TEST_PDSERVE_ADMIN"):
-        resolve_admin_key(cfg)
+        resolve_admin_key(cfg.admin)
     monkeypatch.setenv("TEST_PDSERVE_ADMIN", "from-the-env-123")
-    assert resolve_admin_key(cfg) == "from-the-env-123"
+    assert resolve_admin_key(cfg.admin) == "from-the-env-123"
 
 
 def test_gpu_config_takes_its_key_from_the_environment():

@@ -10,14 +10,14 @@ import asyncio
 import pytest
 
 from pdserve.admission.budgets import TenantBudgets
+from pdserve.admission.config import AdmissionSpec, AuthSpec, BudgetSpec, LadderSpec, TenantSpec
 from pdserve.admission.controller import AdmissionController
 from pdserve.admission.fleet_gate import FleetState, fleet_gate, kv_bytes_per_token, kv_fits
 from pdserve.admission.ladder import DegradationLadder
 from pdserve.admission.rejection import Rejection
 from pdserve.admission.tenants import Tenant, TenantDirectory, hash_key
 from pdserve.admission.wfq import FairShare
-from pdserve.engine.config import ClusterConfig
-from pdserve.engine.policy_config import AdmissionSpec, AuthSpec, BudgetSpec, LadderSpec, TenantSpec
+from pdserve.settings.cluster import ClusterConfig
 
 GiB = 2 ** 30
 LLAMA3_70B = {"num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "hidden_size": 8192,
@@ -430,7 +430,7 @@ def test_keys_file(tmp_path):
 def test_shipped_tenants_config_has_the_demo_keys():
     from pathlib import Path
 
-    from pdserve.engine.config import load_config
+    from pdserve.settings.cluster import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "cpu-pd-tenants.yaml")
     d = TenantDirectory(cfg.auth, "s")

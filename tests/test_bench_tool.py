@@ -21,7 +21,7 @@ from pdserve.bench.report import find_knee, write_report
 from pdserve.bench.stats import RequestOutput, compute_metrics, meets_slos, parse_goodput
 from pdserve.bench.workloads import VOCAB, SampleRequest, Tenant, WorkloadSpec, generate
 from pdserve.cluster.cli import main as pdserve_main
-from pdserve.engine.config import load_config
+from pdserve.settings.cluster import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -2,7 +2,8 @@
 import pytest
 from pydantic import ValidationError
 
-from pdserve.engine.config import ClusterConfig, load_config, parse_core_set
+from pdserve.engine.config import parse_core_set
+from pdserve.settings.cluster import ClusterConfig, load_config
 
 from conftest import CONFIGS
 

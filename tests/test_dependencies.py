@@ -27,7 +27,7 @@ else:  # pragma: no cover
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 PACKAGE_DIRS = ["engine", "cluster", "prefill", "decode", "kv_transfer", "router", "fallback", "bench",
-                "admission", "planner", "lab"]
+                "admission", "planner", "lab", "settings"]
 LOCAL = {"pdserve", "__future__", "tests", *PACKAGE_DIRS, *(p.stem for p in (ROOT / "tests").glob("*.py"))}
 
 

@@ -247,7 +247,7 @@ def _gpu_config() -> dict:
 
 
 def test_configmap_carries_the_gpu_config_unchanged(tmp_path):
-    from pdserve.engine.config import load_config
+    from pdserve.settings.cluster import load_config
 
     (cm,) = _by_kind("ConfigMap")
     text = cm["data"]["gpu-pd.yaml"]

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.engine.config import load_config
 from pdserve.engine.server import EngineServer
+from pdserve.settings.cluster import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

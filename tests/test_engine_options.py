@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from pdserve.engine.config import ClusterConfig, load_config
 from pdserve.engine.server import EngineServer, serving_args
 from pdserve.engine.tiny_model import resolve_model
 from pdserve.router.protocol import RequestChecker
+from pdserve.settings.cluster import ClusterConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -226,7 +226,7 @@ def test_fault_spec_rejects_bad_values(tmp_path):
 def test_config_validation_of_grpc_settings(tmp_path):
     from pydantic import ValidationError
 
-    from pdserve.engine.config import load_config
+    from pdserve.settings.cluster import load_config
 
     base = (ROOT / "configs" / "cpu-pd-grpc.yaml").read_text()
     cases = {
@@ -246,7 +246,7 @@ def test_config_validation_of_grpc_settings(tmp_path):
 
 
 def test_registry_selects_our_connector_for_grpc():
-    from pdserve.engine.config import load_config
+    from pdserve.settings.cluster import load_config
     from pdserve.kv_transfer.grpc_settings import GrpcKVSettings
     from pdserve.kv_transfer.registry import kv_transfer_config_for
 

@@ -43,7 +43,7 @@ PER_PHASE = 25 * int(os.environ.get("PDSERVE_LAB_SCALE", "1"))
 def lab(tmp_path_factory):
     if os.geteuid() != 0:
         pytest.skip("pdserve lab needs root (network, PID and mount namespaces)")
-    from pdserve.engine.config import load_config
+    from pdserve.settings.cluster import load_config
     from pdserve.lab.hosts import Lab
 
     lab = Lab()

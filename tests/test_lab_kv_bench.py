@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from pdserve.bench import lab_kv_transfer as b
-from pdserve.engine.config import ClusterConfig
 from pdserve.engine.tiny_model import BUILTIN_MODELS
+from pdserve.settings.cluster import ClusterConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pdserve.engine.config import ClusterConfig, load_config
+from pdserve.settings.cluster import ClusterConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

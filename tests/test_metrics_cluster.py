@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from pdserve.engine.config import DEV_ADMIN_KEY
+from pdserve.router.config import DEV_ADMIN_KEY
 from tests.conftest import STANDARD_E2E_SLO_MS
 from tests.helpers import TIMEOUT, chat_body, metric_samples, post
 

@@ -13,7 +13,7 @@ import uuid
 import httpx
 import pytest
 
-from pdserve.engine.config import DEV_ADMIN_KEY
+from pdserve.router.config import DEV_ADMIN_KEY
 from tests.conftest import RESTRICTED_KEY
 from tests.helpers import TIMEOUT, chat_body, metric_samples, post, status
 

@@ -1,7 +1,8 @@
-"""Config types for the router's production controls: tenants and keys, admission, the ladder.
+"""Admission's sections of a config: `auth` (tenants and their keys), `admission`, `ladder`.
 
-They live beside engine/config.py (which includes them in ClusterConfig) so that the
-router and the admission policies read them without importing cluster/.
+It also names the priority classes, which the router's `slo` section keys its per-class
+overrides by. It imports nothing of pdserve, so any layer may read it
+(tests/test_import_contract.py).
 """
 from __future__ import annotations
 
@@ -194,9 +195,3 @@ class LadderSpec(_Strict):
             raise ValueError("ladder thresholds must rise: stop_sheddable <= cap_standard <= "
                              "degrade_standard <= critical_only")
         return self
-
-
-class ClassSLO(_Strict):
-    ttft_ms: Optional[float] = Field(None, gt=0)
-    tpot_ms: Optional[float] = Field(None, gt=0)
-    e2e_ms: Optional[float] = Field(None, gt=0)

@@ -1,0 +1,1 @@
+"""The whole config: every layer's section composed into one ClusterConfig (settings/cluster.py)."""
