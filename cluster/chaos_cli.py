@@ -35,6 +35,8 @@ def add_parser(sub) -> None:
     f.add_argument("--corrupt", type=float, default=None, help="fraction of transfers corrupted (gRPC)")
     f.add_argument("--force-inline", action="store_true", default=None,
                    help="same-host pulls get the bytes in the stream, as across hosts (gRPC)")
+    f.add_argument("--drop-kv-params", action="store_true", default=None,
+                   help="prefill legs finish without handing off their KV, so every request falls back (gRPC)")
     k = acts.add_parser("kill-replica", help="SIGKILL one replica process; Ray Serve replaces it")
     k.add_argument("--pool", required=True, choices=["prefill", "decode", "monolithic"])
     k.add_argument("--replica", default=None)
@@ -58,9 +60,11 @@ def _request(args) -> tuple[str, str, dict | None]:
     if a == "faults":
         spec = {k: v for k, v in (("fail", args.fail), ("delay_s", args.delay_s),
                                    ("delay_fraction", args.delay_fraction), ("corrupt", args.corrupt),
-                                   ("force_inline", args.force_inline)) if v is not None}
+                                   ("force_inline", args.force_inline),
+                                   ("drop_kv_params", args.drop_kv_params)) if v is not None}
         if not spec:
-            raise SystemExit("pdserve chaos faults: give at least one of --fail, --delay-s, --corrupt, --force-inline")
+            raise SystemExit("pdserve chaos faults: give at least one of --fail, --delay-s, --corrupt, "
+                             "--force-inline, --drop-kv-params")
         return "POST", "/admin/chaos/faults", spec
     if a == "kill-replica":
         body = {"pool": args.pool}

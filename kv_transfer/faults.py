@@ -8,7 +8,9 @@ Spec keys (all optional): ``kill_links`` (bool: refuse every transfer), ``fail``
 (fraction of transfers that fail), ``corrupt`` (fraction whose data is altered
 after its checksum was taken), ``delay_s`` with ``delay_fraction`` (default 1.0),
 ``force_inline`` (bool, gRPC only: a same-host puller gets the bytes in the stream, as
-across hosts, instead of by reference).
+across hosts, instead of by reference), ``drop_kv_params`` (bool, gRPC only: a prefill engine
+finishes its leg and frees the blocks at once without handing off ``kv_transfer_params``, as a
+prefill engine started without a working connector answers; the router must fall back).
 
 Faults belong to one replica's run, never to whatever starts next from the same config:
 the file lives in this user's private folder (``fault_dir``), its name carries the run id
@@ -28,7 +30,7 @@ import threading
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
-_KEYS = {"kill_links", "fail", "corrupt", "delay_s", "delay_fraction", "force_inline"}
+_KEYS = {"kill_links", "fail", "corrupt", "delay_s", "delay_fraction", "force_inline", "drop_kv_params"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class FaultSpec:
     delay_s: float = 0.0
     delay_fraction: float = 1.0
     force_inline: bool = False
+    drop_kv_params: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FaultSpec":

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
+from pdserve.kv_transfer.faults import FaultSwitch
 from pdserve.kv_transfer.grpc_settings import GrpcKVSettings
 from pdserve.kv_transfer.kv_puller import PullJob
 
@@ -56,6 +57,7 @@ class GrpcKVScheduler:
         self.engine_id = engine_id
         self.settings = settings
         self._meta = GrpcKVMetadata()
+        self.faults = FaultSwitch(settings.fault_file)
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
         if not _is_remote_prefill(request.kv_transfer_params):
@@ -98,7 +100,7 @@ class GrpcKVScheduler:
             return False, None
         if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
             return False, None
-        if not block_ids:
+        if not block_ids or self.faults.current().drop_kv_params:
             return False, None
         s = self.settings
         self._meta.leases[request.request_id] = (list(block_ids), time.monotonic() + s.lease_seconds)

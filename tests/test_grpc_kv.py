@@ -444,3 +444,30 @@ def test_references_are_asked_for_only_where_the_probe_reads_back(tmp_path, monk
         assert _blocks_equal(p.caches, [13], dst, [14])
     finally:
         p.server.stop(grace=0)
+
+
+def test_drop_kv_params_fault_makes_a_finished_prefill_hand_off_nothing(tmp_path):
+    """The chaos switch behind ``pdserve chaos faults --drop-kv-params``: with it on, a finished
+    prefill leg frees its blocks at once and returns no kv_transfer_params (the router's
+    ``prefill_returned_no_kv_params`` fallback); with it off, the same leg leases its blocks."""
+    from types import SimpleNamespace
+
+    from vllm.v1.request import RequestStatus
+
+    from pdserve.kv_transfer.grpc_scheduler import GrpcKVScheduler
+    from pdserve.kv_transfer.grpc_settings import GrpcKVSettings
+
+    fault_file = str(tmp_path / "faults.json")
+    sched = GrpcKVScheduler("engine-p", GrpcKVSettings(host="10.0.0.1", port=5000, fault_file=fault_file))
+
+    def finished(rid: str):
+        req = SimpleNamespace(request_id=rid, kv_transfer_params={"do_remote_decode": True},
+                              status=RequestStatus.FINISHED_LENGTH_CAPPED, num_computed_tokens=32)
+        return sched.request_finished(req, [3, 4])
+
+    delay, params = finished("r1")
+    assert delay and params["remote_block_ids"] == [3, 4] and "r1" in sched._meta.leases
+    write_faults(fault_file, {"drop_kv_params": True})
+    assert finished("r2") == (False, None) and "r2" not in sched._meta.leases
+    write_faults(fault_file, None)
+    assert finished("r3")[0]
