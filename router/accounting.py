@@ -25,6 +25,7 @@ class Accounting:
         self.admission = router.admission
         self.goodput = router.goodput
         self.breakers = router.breakers
+        self.disaggregator = router.disaggregator
 
     # ------------------------------------------------------------------ answers without an engine
     def no_engine(self) -> Rejection:
@@ -115,5 +116,7 @@ class Accounting:
         tpot = (relay.last - t0 - relay.ttft) / (tokens - 1) if tokens > 1 else None
         if tpot is not None:
             m.tpot.labels(path, ctx.cls).observe(tpot)
+        if relay.completed and relay.status == "200":
+            self.disaggregator.observe_stream(ctx, path, relay.leg, relay.ttft, tpot, tokens)
         if relay.completed and relay.status == "200":
             self.judge(ctx, relay.ttft, tpot, relay.last - t0)

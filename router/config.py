@@ -12,6 +12,8 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pdserve.admission.config import CLASSES
+from pdserve.router.decider_config import DeciderSpec, Disaggregation
+from pdserve.router.selection_config import SelectionSpec
 
 
 class _Strict(BaseModel):
@@ -37,6 +39,17 @@ class RouterSpec(_Strict):
     # {"router_group": 1} to pin it to the node group whose pods advertise router_group and
     # carry the router's port, probes and Kubernetes Service. Empty: any node.
     ray_resources: dict[str, float] = Field(default_factory=dict)
+    # Each pool's replica selection: filters, weighted scorers, picker (router/selection_config.py).
+    selection: SelectionSpec = Field(default_factory=SelectionSpec)
+    # Whether a P/D cluster splits each request: always, never, or adaptive per request
+    # (router/decider_config.py), and the adaptive decider's settings.
+    disaggregation: Disaggregation = "always"
+    decider: DeciderSpec = Field(default_factory=DeciderSpec)
+
+    def needs_kv_events(self) -> bool:
+        """Whether the engines publish their KV cache events: the router's prefix index reads
+        them for the prefix scorer and the adaptive decider."""
+        return self.selection.uses("prefix") or self.disaggregation == "adaptive"
 
     @field_validator("ray_resources")
     @classmethod

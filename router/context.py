@@ -23,6 +23,7 @@ class RequestCtx:
         self.headers: dict[str, str] = {}
         self.output_tokens = 0
         self.hide_ids = False  # the router asked for token ids the client did not (router/intake.py)
+        self.selection = None  # what replica selection knows of it (router/selection.py SelectionRequest)
 
     @property
     def body(self) -> dict[str, Any]:

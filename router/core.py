@@ -23,7 +23,10 @@ from pdserve.router.polling import LoadPoller
 from pdserve.router.pools import Pool
 from pdserve.router.protocol import RequestChecker
 from pdserve.router.respond import Responder
-from pdserve.router.selection import least_loaded
+from pdserve.router.disaggregate import Disaggregator
+from pdserve.router.kv_event_feed import KVEventFeed
+from pdserve.router.prefix_index import PrefixIndex
+from pdserve.router.selection import SelectionDeps, build_pipeline
 from pdserve.settings.cluster import ClusterConfig
 
 
@@ -43,9 +46,16 @@ class Router:
         self.pools = pools
         self.checker = checker
         self.kv_bytes_per_token = kv_bytes_per_token
-        self.prefill_pick = least_loaded()
-        self.decode_pick = least_loaded(kv_headroom=cfg.router.decode_kv_headroom)
         self.metrics = RouterMetrics()
+        # Which prompt prefixes each engine caches, from the engines' KV events (when a scorer or
+        # the decider reads it), and each pool's selection pipeline as router.selection lists it.
+        self.prefix_index = PrefixIndex() if cfg.router.needs_kv_events() else None
+        self.kv_feed = KVEventFeed(self.prefix_index) if self.prefix_index is not None else None
+        deps = SelectionDeps(kv_headroom=cfg.router.decode_kv_headroom, prefix_index=self.prefix_index)
+        self.picks = {name: build_pipeline(cfg.router.selection.for_pool(name), deps)
+                      for name in ("prefill", "decode", "monolithic")}
+        self.prefill_pick, self.decode_pick = self.picks["prefill"], self.picks["decode"]
+        self.disaggregator = Disaggregator(self)
         self.tenants = TenantDirectory(cfg.auth, salt_secret=f"pdserve-cache-salt:{cfg.name}")
         serving = cfg.decode if self.mode == "pd" else cfg.monolithic
         capacity = cfg.admission.max_inflight or serving.max_replicas * cfg.engine.max_num_seqs

@@ -1,7 +1,9 @@
 """The legs stage: runs the engine calls a plan needs, up to the first item of the answer.
 
-P/D: pick a (prefill, decode) pair whose link's breaker lets it through, run the prefill
-leg (prefill/leg.py), start the decode leg with the prefill's KV lease (decode/leg.py).
+P/D: pick a (prefill, decode) pair whose link's breaker lets it through; the
+disaggregation decider (router/disaggregate.py) may then serve the request whole on one of
+the two instead; else run the prefill leg (prefill/leg.py), start the decode leg with the
+prefill's KV lease (decode/leg.py).
 Every failure before the decode leg starts falls back: the untouched request on the
 chosen decode replica while it is healthy, else on any healthy engine but the prefill
 replica that failed. An engine lost before its first item (any plan) is replaced the
@@ -36,11 +38,17 @@ class LegRunner:
         self.breakers = router.breakers
         self.account = router.account
         self.metrics = router.metrics
+        self.disaggregator = router.disaggregator
 
     async def pd_legs(self, ctx: RequestCtx) -> tuple[str, Optional[Leg], Optional[JSONResponse]]:
         """Run the prefill leg; return (path, decode leg, early error response or None)."""
         prefill, decode = self.pools["prefill"], self.pools["decode"]
-        p, d, cause = self.placement.pick_pair(prefill, decode)
+        p, d, cause = self.placement.pick_pair(prefill, decode, self.disaggregator.selection_request(ctx))
+        if cause is None:
+            way = self.disaggregator.choose(ctx, p, d)
+            if way != "pd":  # whole on one of the pair's engines: no prefill leg, no transfer
+                pool, pick = (decode, d) if way == "decode_local" else (prefill, p)
+                return way, Leg(pool, pick.replica_id, ctx.endpoint, ctx.body), None
         d_id = d.replica_id if d else None
         link = (p.replica_id, d_id) if cause is None and p is not None and d_id else None
         if link:
@@ -52,6 +60,8 @@ class LegRunner:
                                        r.load_poll_interval_s)
             if result.seconds is not None:
                 self.metrics.prefill_leg.observe(result.seconds)
+            if result.cause is None and result.client_error is None:
+                self.disaggregator.observe_prefill_leg(ctx, p, result.seconds)
             if result.client_error is not None:  # the client's fault: a whole run would fail the same way
                 status, body = result.client_error
                 self.account.answered("pd", ctx.endpoint, status)

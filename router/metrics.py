@@ -15,6 +15,7 @@ class RouterMetrics:
         self._pd_links(r)
         self._resumes_and_admission(r)
         self._replicas(r)
+        self._routing(r)
 
     def _latencies(self, r: CollectorRegistry) -> None:
         """Requests and their latencies."""
@@ -99,3 +100,19 @@ class RouterMetrics:
                                          ["pool", "replica"], registry=r)
         self.replica_waiting = Gauge("pdserve_replica_waiting", "Waiting requests per replica",
                                      ["pool", "replica"], registry=r)
+
+    def _routing(self, r: CollectorRegistry) -> None:
+        """The disaggregation decider and the prefix index (router/disaggregate.py)."""
+        self.disaggregation = Counter("pdserve_disaggregation_total",
+                                      "P/D requests by the way router.disaggregation sent them (pd, decode_local, "
+                                      "prefill_whole) and why", ["way", "reason"], registry=r)
+        self.decider_input = Gauge("pdserve_decider_input",
+                                   "What the adaptive decider reads: fitted prefill, KV transfer and decode step "
+                                   "models, prefill busy share, mean output tokens", ["name"], registry=r)
+        self.prefix_index_blocks = Gauge("pdserve_prefix_index_blocks",
+                                         "KV blocks the prefix index knows each replica holds", ["replica"],
+                                         registry=r)
+        self.prefix_tokens = Counter("pdserve_prefix_tokens_total",
+                                     "Prompt tokens of P/D prefill legs and streamed whole requests, and how many "
+                                     "of them the engine that prefilled them held (by the prefix index)",
+                                     ["pool", "kind"], registry=r)

@@ -43,6 +43,7 @@ class Pipeline:
         self.legs = router.legs
         self.responder = router.responder
         self.account = router.account
+        self.disaggregator = router.disaggregator
 
     async def serve(self, endpoint: str, request: Any) -> Response:
         """One request. ``request`` needs ``headers`` (a mapping) and an async ``body()``."""
@@ -68,7 +69,8 @@ class Pipeline:
             if early is not None:
                 return early
         else:
-            path, leg = plan.path, self.placement.spare_leg(ctx.endpoint, ctx.body, order=plan.order)
+            path, leg = plan.path, self.placement.spare_leg(ctx.endpoint, ctx.body, order=plan.order,
+                                                            request=self.disaggregator.selection_request(ctx))
         if leg is None:
             return self.account.no_engine_response(ctx, path)
         return await self.responder.respond(ctx, path, leg)

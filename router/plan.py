@@ -5,8 +5,11 @@
   A/B split put the request's session on its monolithic arm, or the request asks for
   several choices (``n`` other than 1: router/protocol.py ``serves_whole``; its response
   says ``x-pdserve-monolithic-cause: several_choices``);
+* ``decode_local`` (whole on a decode engine): a P/D cluster with
+  ``router.disaggregation: never``;
 * ``pd``: a prefill leg, then a decode leg. Its fallbacks are decided as its legs run
-  (router/legs.py), since most of them are failures only the legs can see.
+  (router/legs.py), since most of them are failures only the legs can see; so is the adaptive
+  decider's choice (router/disaggregate.py), which needs the pair the legs stage picks.
 
 Each whole-request plan names the pools to try in order: the first with a healthy replica
 serves it, so no call waits on a pool with none.
@@ -35,6 +38,7 @@ DEGRADED = Plan("monolithic", "degraded", ("prefill", "decode"))  # on decode if
 MONOLITHIC_CLUSTER = Plan("monolithic", "monolithic_cluster", ("monolithic",))
 AB_MONOLITHIC = Plan("monolithic", "ab_monolithic", ("decode", "prefill"))  # prefill if no decode is healthy
 SEVERAL_CHOICES = Plan("monolithic", "several_choices", ("decode", "prefill"))
+NEVER_SPLIT = Plan("decode_local", "never", ("decode", "prefill"))  # router.disaggregation: never
 
 
 def choose_plan(mode: str, degraded_target: Optional[str], ab_arm: Callable[[], str], whole: bool = False) -> Plan:
@@ -60,6 +64,10 @@ class Planner:
                            whole=serves_whole(ctx.endpoint, ctx.body))
         if plan is SEVERAL_CHOICES:
             ctx.headers["x-pdserve-monolithic-cause"] = plan.reason
+        if plan is PD and self.router.cfg.router.disaggregation == "never":
+            plan = NEVER_SPLIT
+            self.router.metrics.disaggregation.labels(plan.path, plan.reason).inc()
+            ctx.headers["x-pdserve-decision"] = plan.reason
         return plan
 
     def ab_arm(self, ctx: RequestCtx) -> str:

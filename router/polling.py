@@ -37,6 +37,7 @@ class LoadPoller:
             await self._refresh_pool(pool)
         self.observe_fleet()
         self.count_kv_transfers()
+        self.follow_kv_events()
         if time.monotonic() - self._last_serve_poll >= 2.0:
             self._last_serve_poll = time.monotonic()
             await self.poll_pool_sizes()
@@ -69,7 +70,18 @@ class LoadPoller:
                 self.metrics.kv_transfer_bytes.labels(transport).inc(now[0] - seen[0])
                 self.metrics.kv_transfer_busy.labels(transport).inc(max(0.0, now[1] - seen[1]))
                 self.metrics.kv_transfers.labels(transport).inc(max(0, now[2] - seen[2]))
+                self.router.disaggregator.measure.transfers(now[2] - seen[2], now[0] - seen[0], now[1] - seen[1])
             self._kv_seen[st.replica_id] = now
+
+    def follow_kv_events(self) -> None:
+        """Subscriptions to the engines' KV events as the load reports name them, and the
+        decider's inputs for /metrics."""
+        r = self.router
+        if r.kv_feed is not None:
+            r.kv_feed.follow({st.replica_id: st.load.get("kv_events")
+                              for pool in r.pools.values() for st in pool.replicas.values()})
+        prefill = r.pools.get("prefill")
+        r.disaggregator.observe_poll(sum(st.healthy for st in prefill.replicas.values()) if prefill else 0)
 
     async def poll_pool_sizes(self) -> None:
         """Ray Serve's replica counts per pool (what its autoscaler is holding), for /metrics."""

@@ -63,6 +63,8 @@ class CheckedRequest:
     prompt_tokens: int
     max_tokens: int
     stream: bool
+    # The prompt's token ids as the engine will see them (one prompt only), for the prefix index.
+    prompt_token_ids: Optional[list[int]] = None
 
 
 # What vLLM's chat serving passes to the template besides the messages (and a client may not
@@ -130,7 +132,8 @@ class RequestChecker:
         if max_tokens is not None and min_tokens > max_tokens:  # vLLM's SamplingParams check, before any KV
             raise ApiError(400, f"min_tokens must be less than or equal to max_tokens={max_tokens}, got {min_tokens}.",
                            param="min_tokens")
-        counts = self._count_prompts(endpoint, body)
+        prompts = self._prompt_ids(endpoint, body)
+        counts = [len(ids) for ids in prompts]
         longest = max(counts)  # each prompt of a list must fit the context on its own
         if longest >= self.max_model_len:
             raise ApiError(400, f"the prompt has {longest} tokens; this model's context is {self.max_model_len}",
@@ -140,27 +143,28 @@ class RequestChecker:
         elif longest + max_tokens > self.max_model_len:
             raise ApiError(400, f"prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds this "
                                 f"model's context of {self.max_model_len} tokens", param="max_tokens")
-        return CheckedRequest(body=body, prompt_tokens=sum(counts), max_tokens=max_tokens, stream=bool(req.stream))
+        return CheckedRequest(body=body, prompt_tokens=sum(counts), max_tokens=max_tokens, stream=bool(req.stream),
+                              prompt_token_ids=prompts[0] if len(prompts) == 1 else None)
 
-    def _count_prompts(self, endpoint: str, body: dict[str, Any]) -> list[int]:
-        """The token count of each prompt: one for chat, one per prompt of a completions list."""
+    def _prompt_ids(self, endpoint: str, body: dict[str, Any]) -> list[list[int]]:
+        """The token ids of each prompt: one for chat, one per prompt of a completions list."""
         if endpoint == "chat":
-            return [self._count_chat(body)]
+            return [self._chat_ids(body)]
         prompt = body["prompt"]
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            return [self._count_one(p) for p in prompt]  # a list of strings or of token-id lists
-        return [self._count_one(prompt)]
+            return [self._one_ids(p) for p in prompt]  # a list of strings or of token-id lists
+        return [self._one_ids(prompt)]
 
-    def _count_one(self, prompt: Any) -> int:
+    def _one_ids(self, prompt: Any) -> list[int]:
         """One completions prompt: a string or a non-empty list of token ids."""
         if isinstance(prompt, str):
-            return len(self.tokenizer.encode(prompt, add_special_tokens=True))
+            return list(self.tokenizer.encode(prompt, add_special_tokens=True))
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            return len(prompt)
+            return list(prompt)
         raise ApiError(400, "'prompt' must be a string, a list of token ids, or a list of strings or of "
                             "token-id lists", param="prompt")
 
-    def _count_chat(self, body: dict[str, Any]) -> int:
+    def _chat_ids(self, body: dict[str, Any]) -> list[int]:
         try:
             text = self.tokenizer.apply_chat_template(body["messages"], tokenize=False, **_template_options(body),
                                                       **self._template)
@@ -169,6 +173,6 @@ class RequestChecker:
         # The template writes the special tokens itself, as tokenize=True would encode it;
         # the Rust tokenizer directly skips transformers' per-call wrapping.
         if self._fast is not None:
-            return len(self._fast.encode(text, add_special_tokens=False).ids)
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
+            return self._fast.encode(text, add_special_tokens=False).ids
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
 

@@ -65,6 +65,16 @@ class ClusterConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _check_disaggregation(self):
+        if self.router.disaggregation != "always" and self.mode != "pd":
+            raise ValueError(f"router.disaggregation {self.router.disaggregation!r} needs mode 'pd': a monolithic "
+                             "cluster never splits a request")
+        if self.router.needs_kv_events() and not self.engine.enable_prefix_caching:
+            raise ValueError("router.selection's prefix scorer and router.disaggregation 'adaptive' read the engines' "
+                             "prefix cache: they need engine.enable_prefix_caching")
+        return self
+
+    @model_validator(mode="after")
     def _check_ab_split(self):
         if self.ab_split.monolithic_fraction > 0 and self.mode != "pd":
             raise ValueError("ab_split needs mode 'pd': a monolithic cluster has no P/D arm to compare")

@@ -57,6 +57,8 @@ CONFIG_MODULES = {
     "pdserve.kv_transfer.config",
     "pdserve.lab.spec",
     "pdserve.router.config",
+    "pdserve.router.decider_config",
+    "pdserve.router.selection_config",
     "pdserve.settings",
     "pdserve.settings.cluster",
 }

@@ -1,0 +1,149 @@
+"""The adaptive disaggregation decider: for one request, P/D or whole on one engine.
+
+A pure function over numbers (``Measurements``: what the cluster has measured lately, from
+router/measure.py; ``Situation``: this request and the replicas the selection pipelines
+chose), so it is tested with hand-made ones. The ways, cheapest first:
+
+* ``decode_local``: the whole request on the chosen decode engine, which prefills it itself:
+  one engine, no KV transfer. It stalls the decodes running there for the prefill's length;
+* ``prefill_whole``: the whole request on the chosen prefill engine, when it has room: no
+  transfer, but the decode then holds a core the pool keeps for prefills;
+* ``pd``: prefill on the prefill engine, KV transfer, decode on the decode engine.
+
+For each way it predicts the request's TTFT and TPOT, and the TPOT of the decodes already
+running on the decode engine; a way meets the SLOs when each prediction is within
+``headroom`` of its SLO (the request's class SLO; the strictest class's TPOT for the running
+decodes, whose classes the router does not track per engine). The cheapest way that meets
+them wins; when none does, the way that misses by the least ratio. Only cached tokens
+(router/prefix_index.py) are left out of a prefill: a decode engine that already holds most
+of a conversation prefills the rest quickly, so repeat turns stay local.
+
+The models, all linear fits the measurements keep current:
+  prefill (per pool)   seconds = fixed + per_token * uncached tokens, times (1 + requests
+                       ahead on that engine: they share its steps)
+  transfer             seconds = fixed + per_byte * bytes (the decode engine pulls what it
+                       does not hold itself)
+  decode step          seconds per output token = fixed + per_request * requests running
+  a local prefill      delays each running decode by its own length, spread over the half
+                       of its output it has left (mean output length / 2)
+  a decode on a prefill engine  steps slowed by the share of time that engine prefills
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+WAYS = ("decode_local", "prefill_whole", "pd")  # cheapest first
+
+
+@dataclass(frozen=True)
+class Line:
+    """seconds = fixed + slope * x."""
+
+    fixed: float
+    slope: float
+
+    def at(self, x: float) -> float:
+        return max(0.0, self.fixed + self.slope * x)
+
+
+@dataclass(frozen=True)
+class Measurements:
+    # prefill seconds vs uncached prompt tokens, per pool ("prefill", "decode"), one request alone
+    prefill: dict[str, Optional[Line]] = field(default_factory=dict)
+    transfer: Optional[Line] = None  # KV transfer seconds vs bytes
+    decode_step: Optional[Line] = None  # seconds per output token vs requests running on the engine
+    prefill_busy: float = 0.0  # share of time a prefill engine spends prefilling (0..1)
+    output_tokens: float = 0.0  # mean output tokens per request
+    ready: bool = False  # enough samples of prefill, transfer and decode step
+
+
+@dataclass(frozen=True)
+class Situation:
+    prompt_tokens: int
+    kv_bytes_per_token: int
+    ttft_slo_s: float  # this request's class
+    tpot_slo_s: float
+    running_tpot_slo_s: float  # the strictest class's: the decodes running on the decode engine
+    prefill_cached: int = 0  # prompt tokens the chosen prefill replica holds
+    decode_cached: int = 0  # ... the chosen decode replica holds
+    prefill_ahead: int = 0  # requests the chosen prefill replica runs or queues
+    decode_running: int = 0
+    decode_waiting: int = 0
+    prefill_room: bool = False  # the prefill replica may take a whole request
+    headroom: float = 0.8
+
+
+@dataclass(frozen=True)
+class Prediction:
+    ttft_s: float
+    tpot_s: float
+    running_tpot_s: float  # the decodes already on the decode engine (0: none there)
+
+    def overshoot(self, s: Situation) -> float:
+        """The largest ratio of prediction to SLO (1: exactly at an SLO)."""
+        return max(self.ttft_s / s.ttft_slo_s, self.tpot_s / s.tpot_slo_s,
+                   self.running_tpot_s / s.running_tpot_slo_s)
+
+    def miss(self, s: Situation) -> Optional[str]:
+        """Which SLO this prediction misses (with headroom), or None."""
+        h = s.headroom
+        if self.ttft_s > h * s.ttft_slo_s:
+            return "ttft"
+        if self.tpot_s > h * s.tpot_slo_s:
+            return "tpot"
+        if self.running_tpot_s > h * s.running_tpot_slo_s:
+            return "running_tpot"
+        return None
+
+
+@dataclass(frozen=True)
+class Decision:
+    way: str  # one of WAYS
+    reason: str
+    predictions: dict[str, Prediction] = field(default_factory=dict)
+
+
+def predict(m: Measurements, s: Situation) -> dict[str, Prediction]:
+    """Each way's predictions. Needs ``m.ready``."""
+    step = m.decode_step
+    p_line = m.prefill.get("prefill")
+    d_line = m.prefill.get("decode") or p_line  # every engine holds the same weights
+    n = s.prompt_tokens
+    tpot_d = step.at(s.decode_running + 1)
+    first_d = tpot_d  # the first output token is one decode step
+
+    prefill_remote = p_line.at(n - s.prefill_cached) * (1 + s.prefill_ahead)
+    transfer = m.transfer.at((n - s.decode_cached) * s.kv_bytes_per_token)
+    pd = Prediction(prefill_remote + transfer + first_d, tpot_d, tpot_d if s.decode_running else 0.0)
+
+    prefill_local = d_line.at(n - s.decode_cached) * (1 + s.decode_waiting)
+    stall = prefill_local / max(1.0, m.output_tokens / 2)
+    local = Prediction(prefill_local + first_d, tpot_d, tpot_d + stall if s.decode_running else 0.0)
+
+    tpot_p = step.at(s.prefill_ahead + 1) / (1 - min(0.9, max(0.0, m.prefill_busy)))
+    whole = Prediction(prefill_remote + tpot_p, tpot_p, tpot_d if s.decode_running else 0.0)
+    return {"decode_local": local, "prefill_whole": whole, "pd": pd}
+
+
+def decide(m: Measurements, s: Situation) -> Decision:
+    """The way for one request, and why (the reason the metric counts):
+
+    * ``warmup``: too few measurements yet: P/D, as ``always`` would;
+    * ``cheapest``: the cheapest way meets every SLO;
+    * ``<way>_<slo>``: a cheaper way was turned down (the cheapest one's reason: ``ttft``,
+      ``tpot``, ``running_tpot``, or ``no_room`` for a prefill engine without room);
+    * ``best_effort``: no way meets every SLO: the one that misses by the least.
+    """
+    if not m.ready:
+        return Decision("pd", "warmup")
+    preds = predict(m, s)
+    turned_down: Optional[str] = None
+    for way in WAYS:
+        why = "no_room" if way == "prefill_whole" and not s.prefill_room else preds[way].miss(s)
+        if why is None:
+            return Decision(way, "cheapest" if turned_down is None else turned_down, preds)
+        turned_down = turned_down or f"{way}_{why}"
+    allowed = [w for w in WAYS if w != "prefill_whole" or s.prefill_room]
+    best = min(allowed, key=lambda w: (preds[w].overshoot(s), WAYS.index(w)))
+    return Decision(best, "best_effort", preds)

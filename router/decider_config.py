@@ -1,0 +1,34 @@
+"""The `router.disaggregation` and `router.decider` settings: whether a P/D cluster splits a
+request into a prefill and a decode leg (router/decider.py).
+
+* ``always``: every request P/D (the default);
+* ``never``: every request whole on a decode engine (prefilled there), a prefill engine if no
+  decode engine is healthy;
+* ``adaptive``: per request, from live measurements (router/measure.py): P/D, whole on the
+  chosen decode engine, or whole on a prefill engine with room, whichever meets the SLOs at
+  the least cost.
+
+This module imports only pydantic, so any layer may read it (tests/test_import_contract.py).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Disaggregation = Literal["always", "never", "adaptive"]
+
+
+class DeciderSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Each new observation weighs this much in the moving averages the decider reads.
+    ewma_alpha: float = Field(0.2, gt=0, le=1)
+    # The decider keeps P/D until it has seen this many prefills, KV transfers and decodes.
+    min_samples: int = Field(3, ge=1)
+    # A way meets an SLO when its prediction is within this share of it: room for the
+    # prediction's error.
+    slo_headroom: float = Field(0.8, gt=0, le=1)
+    # A prefill engine has room for a whole request while it runs at most this many requests
+    # (counting this router's calls in flight) and its KV cache is below decode_kv_headroom.
+    prefill_whole_max_running: int = Field(1, ge=0)

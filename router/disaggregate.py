@@ -1,0 +1,133 @@
+"""Where a P/D cluster's request goes once its (prefill, decode) pair is chosen, per
+``router.disaggregation``, and what the router measures for that choice.
+
+``always``: P/D. ``adaptive``: router/decider.py's ``decide`` over the live measurements
+(router/measure.py) and this request's situation: its class SLOs, the two replicas' queues and
+how much of its prompt each already caches (router/prefix_index.py). (``never`` is decided in
+the plan stage, router/plan.py: no prefill replica is needed.) Each choice is counted by way and
+reason (``pdserve_disaggregation_total``) and named in the response
+(``x-pdserve-path``, ``x-pdserve-decision``).
+
+The observations go the other way: each finished request tells the measurements what its
+prefill, its decode steps and its KV transfer took (``observe_*``).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+from pdserve.admission.config import CLASSES
+from pdserve.router.decider import Decision, Situation, decide
+from pdserve.router.measure import LiveMeasurements
+from pdserve.router.prefix_index import PromptKeys
+from pdserve.router.selection import Candidate, SelectionRequest
+
+if TYPE_CHECKING:
+    from pdserve.router.context import RequestCtx
+    from pdserve.router.core import Router
+
+WHOLE_WAYS = ("decode_local", "prefill_whole")
+
+
+def ahead(c: Candidate) -> int:
+    """Requests already on a replica: as it reports them, or as this router sent them if more."""
+    return max(c.running + c.waiting, c.inflight)
+
+
+class Disaggregator:
+    def __init__(self, router: "Router") -> None:
+        self.cfg = router.cfg
+        self.mode = router.cfg.router.disaggregation
+        self.index = router.prefix_index
+        self.metrics = router.metrics
+        self.kv_bytes_per_token = router.kv_bytes_per_token
+        d = router.cfg.router.decider
+        self.measure = LiveMeasurements(d.ewma_alpha, d.min_samples)
+        self._exported: set[str] = set()
+        slo = router.cfg.slo
+        self._running_tpot_s = min(slo.for_class(c)["tpot_ms"] for c in CLASSES) / 1000
+
+    # ------------------------------------------------------------------ the request
+    def selection_request(self, ctx: "RequestCtx") -> SelectionRequest:
+        """What the selection pipelines and the decider know of the request (made once)."""
+        if ctx.selection is None:
+            ids = getattr(ctx.checked, "prompt_token_ids", None)
+            salt = ctx.body.get("cache_salt")
+            prompt = PromptKeys(ids, salt if isinstance(salt, str) else None) if ids and self.index else None
+            ctx.selection = SelectionRequest(prompt, ctx.checked.prompt_tokens)
+        return ctx.selection
+
+    def cached(self, sel: Optional[SelectionRequest], replica: str) -> int:
+        if sel is None or sel.prompt is None or self.index is None:
+            return 0
+        if replica not in sel.cached:
+            sel.cached[replica] = self.index.cached_tokens(replica, sel.prompt)
+        return sel.cached[replica]
+
+    def choose(self, ctx: "RequestCtx", p: Candidate, d: Candidate) -> str:
+        """The way for a request whose pair is (p, d): "pd", "decode_local" or "prefill_whole"."""
+        if self.mode != "adaptive":
+            decision = Decision("pd", "always")
+        else:
+            decision = decide(self.measure.snapshot(), self.situation(ctx, p, d))
+        self.metrics.disaggregation.labels(decision.way, decision.reason).inc()
+        ctx.headers["x-pdserve-decision"] = decision.reason
+        return decision.way
+
+    def situation(self, ctx: "RequestCtx", p: Candidate, d: Candidate) -> Situation:
+        sel = self.selection_request(ctx)
+        slo = self.cfg.slo.for_class(ctx.cls)
+        r = self.cfg.router
+        return Situation(
+            prompt_tokens=ctx.checked.prompt_tokens, kv_bytes_per_token=self.kv_bytes_per_token,
+            ttft_slo_s=slo["ttft_ms"] / 1000, tpot_slo_s=slo["tpot_ms"] / 1000,
+            running_tpot_slo_s=self._running_tpot_s,
+            prefill_cached=self.cached(sel, p.replica_id), decode_cached=self.cached(sel, d.replica_id),
+            prefill_ahead=ahead(p), decode_running=max(d.running, d.inflight), decode_waiting=d.waiting,
+            prefill_room=ahead(p) < r.decider.prefill_whole_max_running and p.kv_cache_usage < r.decode_kv_headroom,
+            headroom=r.decider.slo_headroom)
+
+    # ------------------------------------------------------------------ what requests measured
+    def observe_prefill_leg(self, ctx: "RequestCtx", p: Candidate, seconds: Optional[float]) -> None:
+        """A P/D prefill leg that produced its KV, as the router timed it."""
+        uncached = self.count_hit(ctx, "prefill", p.replica_id)
+        if seconds is not None:
+            self.measure.prefill_done("prefill", uncached, seconds, ahead(p))
+
+    def count_hit(self, ctx: "RequestCtx", pool: str, replica: str) -> int:
+        """Counts the prompt and the part of it ``replica`` held; returns the uncached tokens."""
+        n = ctx.checked.prompt_tokens
+        cached = self.cached(ctx.selection, replica)
+        if ctx.selection is not None and ctx.selection.prompt is not None:
+            self.metrics.prefix_tokens.labels(pool, "prompt").inc(n)
+            self.metrics.prefix_tokens.labels(pool, "cached").inc(cached)
+        return n - cached
+
+    def observe_stream(self, ctx: "RequestCtx", path: str, leg, ttft_s: float, tpot_s: Optional[float],
+                       tokens: int) -> None:
+        """A finished stream: its decode steps (on a decode engine), and for a whole request on a
+        P/D pool's engine its TTFT, which is mostly that engine's prefill."""
+        sel = ctx.selection
+        picked = sel.picked.get(leg.replica_id) if sel is not None else None
+        if picked is None:
+            return  # served elsewhere than the replica chosen (a replaced engine): not this choice's measure
+        pool = leg.pool.name
+        if pool == "decode" and tpot_s is not None:
+            self.measure.decoded(tpot_s, max(picked.running, picked.inflight), tokens)
+        if leg.link is None:
+            uncached = self.count_hit(ctx, pool, leg.replica_id)
+            if pool in ("prefill", "decode"):
+                wait = ctx.ticket.queue_wait_s if ctx.ticket is not None else 0.0
+                self.measure.prefill_done(pool, uncached, max(0.0, ttft_s - wait), ahead(picked))
+
+    def observe_poll(self, prefill_replicas: int) -> None:
+        """Once per load poll: the prefill engines' busy share, and /metrics."""
+        self.measure.poll(prefill_replicas)
+        for name, value in self.measure.gauges().items():
+            self.metrics.decider_input.labels(name).set(value)
+        if self.index is not None:
+            now = set(self.index.replicas())
+            for replica in now:
+                self.metrics.prefix_index_blocks.labels(replica).set(self.index.blocks(replica))
+            for gone in self._exported - now:
+                self.metrics.prefix_index_blocks.remove(gone)
+            self._exported = now

@@ -1,0 +1,230 @@
+"""Cache-aware routing and the disaggregation modes, without engines: the config-chosen
+selection pipelines (router/selection_config.py, router/selection.py), the prefix scorer
+(router/scorers/prefix.py) over a prefix index fed by hand, and the router pipeline over
+in-memory pools with router.disaggregation always / never / adaptive (router/disaggregate.py)."""
+from __future__ import annotations
+
+import typing
+
+import pytest
+from pydantic import ValidationError
+from router_fakes import FakeChecker, MemoryCluster, MemoryEngine, run
+
+from pdserve.router.prefix_index import PrefixIndex, PromptKeys
+from pdserve.router.selection import FACTORIES, Candidate, SelectionDeps, SelectionRequest, build_pipeline
+from pdserve.router.selection_config import (FilterSpec, PickerSpec, PoolSelectionSpec, ScorerSpec, SelectionSpec,
+                                             default_selection)
+from pdserve.settings.cluster import ClusterConfig
+
+kv_events = pytest.importorskip("vllm.distributed.kv_events")
+
+BS = 32
+PROMPT = list(range(200, 200 + 100))  # three full blocks of 32, and 4 tokens more
+
+
+def hold(index: PrefixIndex, replica: str, tokens=PROMPT, salt=None, seq=0) -> None:
+    """What a replica's engine publishes after prefilling ``tokens``."""
+    full = len(tokens) // BS
+    extra = [(salt,)] + [None] * (full - 1) if salt else None
+    index.apply(replica, seq, [kv_events.BlockStored(
+        block_hashes=[hash((replica, i)) for i in range(full)], parent_block_hash=None,
+        token_ids=tokens[:full * BS], block_size=BS, lora_id=None, medium="GPU", lora_name=None,
+        extra_keys=extra)])
+
+
+def names(spec_union) -> set[str]:
+    """Every plugin name a config section's union allows."""
+    inner = typing.get_args(spec_union)[0]
+    members = typing.get_args(inner) or (inner,)  # a union of one is that one class
+    return {typing.get_args(m.model_fields["name"].annotation)[0] for m in members}
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def test_every_plugin_name_the_config_allows_has_a_factory():
+    build_pipeline(default_selection("decode"), SelectionDeps())  # registers the plugin modules
+    assert names(FilterSpec) | names(ScorerSpec) | names(PickerSpec) == set(FACTORIES)
+
+
+def test_the_default_pipelines_are_the_least_loaded_ones():
+    cfg = MemoryCluster("pd").cfg
+    assert not cfg.router.needs_kv_events() and cfg.router.disaggregation == "always"
+    for pool, filters, scorers in (("prefill", ["healthy"], ["queue"]),
+                                   ("decode", ["healthy", "kv_headroom"], ["queue", "kv_usage"]),
+                                   ("monolithic", ["healthy", "kv_headroom"], ["queue", "kv_usage"])):
+        pipe = build_pipeline(cfg.router.selection.for_pool(pool), SelectionDeps(kv_headroom=0.9))
+        assert [f.name for f in pipe.filters] == filters and [s.name for s, _ in pipe.scorers] == scorers
+        assert [w for _, w in pipe.scorers] == [1.0] * len(scorers) and pipe.picker.name == "min_score"
+    assert build_pipeline(default_selection("decode"), SelectionDeps(kv_headroom=0.9)).filters[1].max_usage == 0.9
+
+
+def test_selection_reads_bare_names_weights_and_settings():
+    spec = PoolSelectionSpec.model_validate({"filters": ["healthy", {"name": "kv_headroom", "max_usage": 0.8}],
+                                             "scorers": [{"name": "prefix", "weight": 2}, "queue"],
+                                             "picker": "min_score"})
+    pipe = build_pipeline(spec, SelectionDeps(prefix_index=PrefixIndex()))
+    assert pipe.filters[1].max_usage == 0.8
+    assert [(s.name, w) for s, w in pipe.scorers] == [("prefix", 2.0), ("queue", 1.0)]
+
+
+@pytest.mark.parametrize("section, says", [
+    ({"scorers": [{"name": "random"}]}, "random"),
+    ({"filters": ["kv_headroom"]}, "must keep the 'healthy' filter"),
+    ({"scorers": ["queue", {"name": "queue", "weight": 2}]}, "named twice"),
+    ({"scorers": [{"name": "queue", "weight": -1}]}, "greater than or equal to 0"),
+    ({"scorers": [{"name": "queue", "bias": 1}]}, "Extra inputs"),
+])
+def test_bad_selection_sections_fail_when_the_config_loads(section, says):
+    with pytest.raises(ValidationError, match=says):
+        PoolSelectionSpec.model_validate(section)
+
+
+def _config(mode: str, **router) -> dict:
+    cfg = MemoryCluster(mode).cfg.model_dump()
+    cfg["router"].update(router)
+    return cfg
+
+
+def test_the_prefix_scorer_or_adaptive_mode_turn_the_engines_kv_events_on():
+    prefix = {"decode": {"scorers": ["prefix", "queue"]}}
+    assert ClusterConfig.model_validate(_config("pd", selection=prefix)).router.needs_kv_events()
+    assert ClusterConfig.model_validate(_config("pd", disaggregation="adaptive")).router.needs_kv_events()
+    assert not ClusterConfig.model_validate(_config("pd", disaggregation="never")).router.needs_kv_events()
+    with pytest.raises(ValidationError, match="needs mode 'pd'"):
+        ClusterConfig.model_validate(_config("monolithic", disaggregation="adaptive"))
+    raw = _config("pd", selection=prefix)
+    raw["engine"]["enable_prefix_caching"] = False
+    with pytest.raises(ValidationError, match="enable_prefix_caching"):
+        ClusterConfig.model_validate(raw)
+    raw = _config("pd")
+    raw["engine"]["engine_kwargs"] = {"kv_events_config": {}}
+    with pytest.raises(ValidationError, match="set by pdserve"):
+        ClusterConfig.model_validate(raw)
+
+
+# ---------------------------------------------------------------------------- the prefix scorer
+
+
+def test_the_prefix_scorer_weighs_a_cache_hit_against_queued_requests():
+    index = PrefixIndex()
+    hold(index, "cached")
+    spec = PoolSelectionSpec.model_validate({"scorers": [{"name": "prefix", "weight": 2}, "queue"]})
+    pipe = build_pipeline(spec, SelectionDeps(prefix_index=index))
+    request = SelectionRequest(PromptKeys(PROMPT), len(PROMPT))
+    # 96 of 100 tokens cached: score 0.08 + queue, against 2.0 + queue for the replica without them
+    cands = [Candidate("cached", "decode", running=1), Candidate("cold", "decode")]
+    assert pipe.pick(cands, request).replica_id == "cached" and request.cached == {"cached": 96, "cold": 0}
+    assert request.picked["cached"].running == 1
+    cands = [Candidate("cached", "decode", running=3), Candidate("cold", "decode")]
+    assert pipe.pick(cands, SelectionRequest(PromptKeys(PROMPT), len(PROMPT))).replica_id == "cold"
+    # another tenant's prompt, or one the router did not tokenize, finds no cache anywhere
+    other = SelectionRequest(PromptKeys(PROMPT, "tenant-b"), len(PROMPT))
+    assert pipe.pick([Candidate("cached", "decode", running=1), Candidate("cold", "decode")],
+                     other).replica_id == "cold"
+    assert pipe.scorers[0][0](Candidate("cached", "decode"), SelectionRequest(None, 100)) == 1.0
+
+
+# ---------------------------------------------------------------------------- through the pipeline
+
+
+class IdsChecker(FakeChecker):
+    """The fake checker, handing on a completions prompt's token ids as the real one does."""
+
+    def check(self, endpoint, body):
+        checked = super().check(endpoint, body)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            checked.prompt_token_ids, checked.prompt_tokens = list(prompt), len(prompt)
+        return checked
+
+
+def cluster(mode: str = "pd", **router) -> MemoryCluster:
+    from pdserve.router.core import Router
+
+    c = MemoryCluster(mode)
+    c.cfg = ClusterConfig.model_validate(_config(mode, **router))
+    if mode == "pd":
+        for rid in ("p0", "p1"):
+            c.add("prefill", MemoryEngine("prefill", rid))
+        for rid in ("d0", "d1"):
+            c.add("decode", MemoryEngine("decode", rid))
+    else:
+        for rid in ("m0", "m1"):
+            c.add("monolithic", MemoryEngine("monolithic", rid))
+    c.router = Router(c.cfg, c.pools, IdsChecker(), kv_bytes_per_token=1024)
+    return c
+
+
+BODY = {"model": "tiny", "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "stream": True}
+
+
+def test_pd_legs_go_to_the_replicas_holding_the_prompt():
+    c = cluster(selection={"prefill": {"scorers": ["prefix", "queue"]}, "decode": {"scorers": ["prefix", "queue"]}})
+    hold(c.router.prefix_index, "p1")
+    hold(c.router.prefix_index, "d0")
+    for _ in range(6):  # without the scorer these ties would go either way
+        r = run(c.serve(BODY, endpoint="completions"))
+        assert r.status_code == 200 and r.headers["x-pdserve-path"] == "pd"
+        assert (r.headers["x-pdserve-prefill-replica"], r.headers["x-pdserve-decode-replica"]) == ("p1", "d0")
+        assert r.headers["x-pdserve-decision"] == "always"
+    m = c.router.metrics
+    assert m.prefix_tokens.labels("prefill", "cached")._value.get() == 6 * 96
+    assert m.disaggregation.labels("pd", "always")._value.get() == 6
+
+
+def test_monolithic_mode_routes_to_the_cached_replica():
+    c = cluster("monolithic", selection={"monolithic": {"scorers": [{"name": "prefix", "weight": 2}, "queue"]}})
+    hold(c.router.prefix_index, "m1")
+    for _ in range(6):
+        r = run(c.serve(BODY, endpoint="completions"))
+        assert r.headers["x-pdserve-path"] == "monolithic" and r.headers["x-pdserve-engine-replica"] == "m1"
+
+
+def test_never_serves_every_request_whole_on_a_decode_engine():
+    c = cluster(disaggregation="never")
+    r = run(c.serve(BODY, endpoint="completions"))
+    assert r.status_code == 200 and r.headers["x-pdserve-path"] == "decode_local"
+    assert r.headers["x-pdserve-decision"] == "never"
+    assert not c.engines["p0"].calls and not c.engines["p1"].calls
+    (_, body), = [call for rid in ("d0", "d1") for call in c.engines[rid].calls]
+    assert "kv_transfer_params" not in body
+    assert c.router.metrics.disaggregation.labels("decode_local", "never")._value.get() == 1
+
+
+def warm(c: MemoryCluster, prefill_s_per_token: float, step_s: float) -> None:
+    """Measurements as if the cluster had served a few P/D requests already."""
+    m = c.router.disaggregator.measure
+    for n in (100, 400, 1600):
+        m.prefill_done("prefill", n, 0.002 + prefill_s_per_token * n)
+        m.transfers(1, n * 1024, 0.001 + n * 1024 * 1e-9)
+        m.decoded(step_s, running=0, output_tokens=4)
+
+
+def test_adaptive_keeps_pd_until_it_has_measured_then_serves_a_cheap_request_locally():
+    c = cluster(disaggregation="adaptive", selection={"decode": {"scorers": ["prefix", "queue"]}})
+    r = run(c.serve(BODY, endpoint="completions"))
+    assert (r.headers["x-pdserve-path"], r.headers["x-pdserve-decision"]) == ("pd", "warmup")
+    warm(c, prefill_s_per_token=1e-5, step_s=0.005)
+    r = run(c.serve(BODY, endpoint="completions"))
+    assert (r.headers["x-pdserve-path"], r.headers["x-pdserve-decision"]) == ("decode_local", "cheapest")
+    d = r.headers["x-pdserve-decode-replica"]
+    (_, body), = c.engines[d].calls[-1:]
+    assert "kv_transfer_params" not in body  # whole on the decode engine, no prefill leg
+    assert len(c.engines["p0"].calls) + len(c.engines["p1"].calls) == 1  # the warmup request's only
+    m = c.router.metrics
+    assert m.disaggregation.labels("pd", "warmup")._value.get() == 1
+    assert m.disaggregation.labels("decode_local", "cheapest")._value.get() == 1
+    # the decider's inputs reach /metrics at the next load poll
+    c.router.poller.follow_kv_events()
+    assert m.decider_input.labels("ready")._value.get() == 1.0
+
+
+def test_adaptive_splits_a_request_whose_local_prefill_would_miss_ttft():
+    c = cluster(disaggregation="adaptive")
+    warm(c, prefill_s_per_token=1e-5, step_s=0.005)
+    c.router.disaggregator.measure.prefill["decode"].add(100, 10.0)  # decode engines prefill very slowly
+    for rid in ("p0", "p1"):
+        c.state(rid).load["running"] = 3  # no prefill engine has room for a whole request
+    r = run(c.serve(BODY, endpoint="completions"))
+    assert (r.headers["x-pdserve-path"], r.headers["x-pdserve-decision"]) == ("pd", "decode_local_ttft")

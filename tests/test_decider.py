@@ -1,0 +1,143 @@
+"""The adaptive disaggregation decider (router/decider.py) on hand-made measurements, and the
+measurements it reads (router/measure.py) from hand-made observations."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from pdserve.router.decider import Line, Measurements, Situation, decide, predict
+from pdserve.router.measure import EwmaLine, LiveMeasurements
+
+# A cluster as measured: 50 us per prompt token on either pool (+5 ms), KV at 1 GB/s (+2 ms),
+# decode steps of 10 ms + 1 ms per running request, 100-token answers, prefill engines idle.
+M = Measurements(prefill={"prefill": Line(0.005, 50e-6), "decode": Line(0.005, 50e-6)},
+                 transfer=Line(0.002, 1e-9), decode_step=Line(0.010, 0.001), prefill_busy=0.0,
+                 output_tokens=100, ready=True)
+SHORT = replace(M, output_tokens=20)  # short answers: a stall weighs on few tokens
+SLO = dict(kv_bytes_per_token=1024, ttft_slo_s=0.5, tpot_slo_s=0.05, running_tpot_slo_s=0.05, headroom=0.8)
+
+
+def situation(**kw) -> Situation:
+    return Situation(**{"prompt_tokens": 1000, **SLO, **kw})
+
+
+def test_too_few_measurements_keep_pd():
+    d = decide(Measurements(ready=False), situation())
+    assert (d.way, d.reason) == ("pd", "warmup")
+
+
+def test_an_idle_cluster_serves_whole_on_the_decode_engine_the_cheapest_way():
+    d = decide(M, situation())  # 1000 tokens: 55 ms prefill, well inside 500 ms
+    assert (d.way, d.reason) == ("decode_local", "cheapest")
+    local, pd = d.predictions["decode_local"], d.predictions["pd"]
+    assert local.ttft_s == pytest.approx(0.005 + 0.05 + 0.011)
+    assert pd.ttft_s == pytest.approx(0.055 + 0.002 + 1000 * 1024 * 1e-9 + 0.011)
+
+
+def test_a_local_prefill_that_would_slow_running_decodes_past_their_tpot_goes_pd():
+    # 6000 uncached tokens: 305 ms of prefill, spread over the 10 tokens each running decode has left
+    d = decide(SHORT, situation(prompt_tokens=6000, decode_running=4))
+    assert (d.way, d.reason) == ("pd", "decode_local_running_tpot")
+    assert d.predictions["decode_local"].running_tpot_s > 0.04 >= d.predictions["pd"].running_tpot_s
+
+
+def test_the_same_prompt_cached_on_the_decode_engine_stays_local():
+    d = decide(SHORT, situation(prompt_tokens=6000, decode_running=4, decode_cached=5984))
+    assert (d.way, d.reason) == ("decode_local", "cheapest")
+
+
+def test_with_nothing_running_there_a_long_prefill_only_has_to_meet_ttft():
+    assert decide(M, situation(prompt_tokens=7000)).way == "decode_local"  # 355 ms + a step: under 400
+    d = decide(M, situation(prompt_tokens=7000, decode_waiting=1))  # it would share the engine: ~720 ms
+    assert (d.way, d.reason) == ("pd", "decode_local_ttft")
+
+
+def test_a_prefill_engine_with_room_takes_the_request_whole_before_pd():
+    busy = situation(prompt_tokens=6000, decode_running=4, prefill_room=True)
+    d = decide(SHORT, busy)
+    assert (d.way, d.reason) == ("prefill_whole", "decode_local_running_tpot")
+    # without room it is P/D
+    assert decide(SHORT, situation(prompt_tokens=6000, decode_running=4, prefill_room=False)).way == "pd"
+    # a prefill engine that prefills most of the time would decode too slowly
+    d = decide(replace(SHORT, prefill_busy=0.9), busy)
+    assert d.way == "pd" and d.predictions["prefill_whole"].tpot_s > 0.04
+
+
+def test_a_slow_decode_step_misses_tpot_every_way_and_the_least_miss_wins():
+    slow = replace(M, decode_step=Line(0.060, 0.001))
+    d = decide(slow, situation(prefill_room=True, decode_running=2))
+    assert d.reason == "best_effort"
+    overshoot = {w: p.overshoot(situation(prefill_room=True, decode_running=2)) for w, p in d.predictions.items()}
+    assert overshoot[d.way] == min(overshoot.values())
+
+
+def test_the_requests_class_slo_decides():
+    tight = situation(prompt_tokens=4000, ttft_slo_s=0.2)  # local: 216 ms; P/D: 216 ms + transfer
+    d = decide(M, tight)
+    assert d.reason == "best_effort"  # neither fits 80 % of 200 ms
+    loose = situation(prompt_tokens=4000, ttft_slo_s=1.0)
+    assert decide(M, loose).way == "decode_local"
+
+
+def test_cached_tokens_only_on_the_prefill_engine_shorten_the_pd_prefill():
+    p = predict(M, situation(prompt_tokens=4000, prefill_cached=3968))
+    q = predict(M, situation(prompt_tokens=4000))
+    assert p["pd"].ttft_s < q["pd"].ttft_s and p["decode_local"] == q["decode_local"]
+
+
+def test_requests_ahead_on_the_prefill_engine_share_its_steps():
+    p = predict(M, situation(prefill_ahead=3))
+    assert p["pd"].ttft_s == pytest.approx(4 * 0.055 + 0.002 + 1024e-6 + 0.011)
+
+
+# ---------------------------------------------------------------------------- the measurements
+
+
+def test_an_ewma_line_recovers_a_line_and_follows_a_change():
+    line = EwmaLine(alpha=0.3)
+    for x in (100, 200, 400, 800, 100, 300):
+        line.add(x, 0.005 + 50e-6 * x)
+    fit = line.line()
+    assert fit.fixed == pytest.approx(0.005) and fit.slope == pytest.approx(50e-6)
+    for _ in range(60):  # the engine got twice as slow per token
+        for x in (100, 800):
+            line.add(x, 0.005 + 100e-6 * x)
+    assert line.line().slope == pytest.approx(100e-6, rel=0.01)
+
+
+def test_one_size_of_sample_gives_a_ratio_through_the_origin():
+    line = EwmaLine(alpha=0.5)
+    for _ in range(3):
+        line.add(1000, 0.05)
+    assert line.line() == Line(0.0, 0.05 / 1000)
+
+
+def test_live_measurements_are_ready_after_enough_of_each_sample():
+    m = LiveMeasurements(alpha=0.5, min_samples=2)
+    m.prefill_done("prefill", 1000, 0.2, ahead=1)  # shared with one other request: 0.1 s alone
+    m.prefill_done("prefill", 2000, 0.2)
+    m.transfers(2, 2_000_000, 0.004)  # two pulls since the last poll: 1 MB and 2 ms each
+    m.decoded(0.012, running=2, output_tokens=50)
+    assert not m.snapshot().ready
+    m.transfers(1, 4_000_000, 0.006)
+    m.decoded(0.014, running=4, output_tokens=150)
+    s = m.snapshot()
+    assert s.ready and s.prefill["decode"] is None
+    assert s.prefill["prefill"].at(1000) == pytest.approx(0.1) and s.prefill["prefill"].at(2000) == pytest.approx(0.2)
+    assert s.transfer.at(1_000_000) == pytest.approx(0.002) and s.transfer.at(4_000_000) == pytest.approx(0.006)
+    assert s.decode_step.at(3) == pytest.approx(0.013)
+    assert s.output_tokens == pytest.approx(100)
+    gauges = m.gauges()
+    assert gauges["ready"] == 1.0 and gauges["kv_transfer_seconds_per_byte"] == pytest.approx(s.transfer.slope)
+
+
+def test_the_prefill_busy_share_comes_from_prefill_time_per_poll_interval():
+    now = [0.0]
+    m = LiveMeasurements(alpha=1.0, clock=lambda: now[0])
+    m.poll(prefill_replicas=2)
+    m.prefill_done("prefill", 100, 0.5)
+    m.prefill_done("prefill", 100, 0.3)
+    now[0] = 1.0
+    m.poll(prefill_replicas=2)
+    assert m.snapshot().prefill_busy == pytest.approx(0.4)  # 0.8 s of prefill over 2 engine-seconds
