@@ -98,6 +98,7 @@ PDSERVE_ENGINE_ARGS = {
     "enforce_eager": "engine.enforce_eager", "enable_prefix_caching": "engine.enable_prefix_caching",
     "gpu_memory_utilization": "engine.gpu_memory_utilization", "num_gpu_blocks_override": "engine.kv_cache_blocks",
     "scheduling_policy": "engine.scheduling_policy", "kv_transfer_config": "kv_transfer",
+    "kv_events_config": "router.selection / router.disaggregation (engines publish KV events when the router reads them)",
     "disable_log_stats": "(always off: the router reads the engines' stats)",
 }
 
