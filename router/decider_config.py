@@ -29,6 +29,7 @@ class DeciderSpec(BaseModel):
     # A way meets an SLO when its prediction is within this share of it: room for the
     # prediction's error.
     slo_headroom: float = Field(0.8, gt=0, le=1)
-    # A prefill engine has room for a whole request while it runs at most this many requests
-    # (counting this router's calls in flight) and its KV cache is below decode_kv_headroom.
+    # A prefill engine has room for a whole request while it has fewer requests than this
+    # (running and queued, or this router's calls in flight if more) and its KV cache usage is
+    # below router.decode_kv_headroom. 0: never whole on a prefill engine.
     prefill_whole_max_running: int = Field(1, ge=0)

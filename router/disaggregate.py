@@ -113,7 +113,7 @@ class Disaggregator:
         pool = leg.pool.name
         if pool == "decode" and tpot_s is not None:
             self.measure.decoded(tpot_s, max(picked.running, picked.inflight), tokens)
-        if leg.link is None:
+        if leg.link is None and path in (*WHOLE_WAYS, "monolithic"):  # not a fallback: its TTFT holds a failure
             uncached = self.count_hit(ctx, pool, leg.replica_id)
             if pool in ("prefill", "decode"):
                 wait = ctx.ticket.queue_wait_s if ctx.ticket is not None else 0.0

@@ -4,14 +4,15 @@ Each engine publishes with vLLM's ZMQ publisher (``kv_events_config``, engine/se
 PUB socket sends ``(topic, sequence, payload)`` per engine step that changed its cache, the
 sequence an 8-byte big-endian count from 0 per engine run, the payload a msgpack
 ``KVEventBatch``; a ROUTER socket replays the last batches it kept from a sequence a
-subscriber asks for. A replica's load report names both endpoints and its topic
+subscriber asks for (up to ``buffer_steps``, 10 000 steps by default). A replica's load report
+names both endpoints and its topic
 (``kv_events``); the topic names the engine run, so a new run (another endpoint and topic)
 starts a new subscription and an empty entry in the index.
 
 What a subscription does with the sequence: a batch that follows the last one is applied; one
-that skips ahead asks the replay socket for the missing ones first (a ZMQ subscriber also
-misses whatever the engine sent before it connected, so the first batch asks for everything
-from 0). Whatever replay cannot supply, the index treats as a gap: it forgets the replica and
+that skips ahead asks the replay socket for the missing ones first; a new subscription first
+asks it for everything from 0 (what the engine cached before the router subscribed: a ZMQ
+subscriber misses whatever was sent before it connected). Whatever replay cannot supply, the index treats as a gap: it forgets the replica and
 starts again from there (router/prefix_index.py: never a wrong match). A batch that cannot be
 decoded is a gap too.
 
@@ -84,6 +85,8 @@ class Subscription:
         try:
             sub.setsockopt(zmq.SUBSCRIBE, topic)
             sub.connect(self.source.endpoint)
+            if self.source.replay_endpoint:
+                await self._replay(0)  # what the engine cached before this subscription
             while True:
                 frames = await sub.recv_multipart()
                 if len(frames) != 3 or frames[0] != topic:
@@ -114,8 +117,8 @@ class Subscription:
         self.index.apply(self.replica, seq, batch.events)
         self.batches += 1
 
-    async def _replay(self, start: int, until: int) -> None:
-        """Applies the publisher's kept batches from ``start`` up to ``until`` (excluded)."""
+    async def _replay(self, start: int, until: Optional[int] = None) -> None:
+        """Applies the publisher's kept batches from ``start`` up to ``until`` (excluded; None: all)."""
         import zmq
         import zmq.asyncio
 
@@ -132,7 +135,7 @@ class Subscription:
                 if seq == END_SEQ:
                     return
                 expected = self.index.expected_seq(self.replica)
-                if start <= seq < until and (expected is None or seq >= expected):
+                if start <= seq and (until is None or seq < until) and (expected is None or seq >= expected):
                     self._apply(seq, frames[3])
                     self.replayed += 1
         except (asyncio.TimeoutError, TimeoutError):

@@ -12,8 +12,8 @@ with exponentially weighted averages.
 * output tokens per request, and the share of time prefill engines spend prefilling.
 
 Each model is a line fitted by exponentially weighted least squares (``EwmaLine``), so it
-follows the cluster as it changes; a line over samples that all share one x falls back to the
-mean ratio through the origin plus nothing else.
+follows the cluster as it changes; over samples that all share one x (or whose fit would slope
+down, from noise) it is the mean ratio y / x through the origin.
 """
 from __future__ import annotations
 

@@ -228,3 +228,16 @@ def test_adaptive_splits_a_request_whose_local_prefill_would_miss_ttft():
         c.state(rid).load["running"] = 3  # no prefill engine has room for a whole request
     r = run(c.serve(BODY, endpoint="completions"))
     assert (r.headers["x-pdserve-path"], r.headers["x-pdserve-decision"]) == ("pd", "decode_local_ttft")
+
+
+def test_served_requests_feed_the_measurements_the_decider_reads():
+    c = cluster(disaggregation="adaptive")
+    m = c.router.disaggregator.measure
+    r = run(c.serve(BODY, endpoint="completions"))  # warmup: P/D
+    assert r.headers["x-pdserve-path"] == "pd"
+    assert m.prefill["prefill"].samples == 1 and m.decode_step.samples == 1 and m.output_tokens.value == 4
+    assert m.prefill["decode"].samples == 0
+    c = cluster(disaggregation="never")
+    m = c.router.disaggregator.measure
+    run(c.serve(BODY, endpoint="completions"))  # whole on a decode engine: its TTFT is its prefill
+    assert m.prefill["decode"].samples == 1 and m.prefill["prefill"].samples == 0
