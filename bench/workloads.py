@@ -87,6 +87,18 @@ class WorkloadSpec:
         return f"{s}; {self.num_prompts} requests, seed {self.seed}"
 
 
+# The fixed benchmarks' prompts (make bench, the chaos and router-capacity benches): "Req i: "
+# and ``words`` words from this list, about 1.25 tokens a word with the built-in tiny tokenizer.
+BENCH_WORDS = ("prefill decode cache block transfer engine router replica request latency throughput goodput stream "
+               "queue budget tenant priority cluster fallback link token model memory compute network").split()
+
+
+def numbered_prompts(n: int, words: int, seed: int = 0) -> list[str]:
+    """``n`` distinct seeded prompts of ``words`` words each."""
+    rng = random.Random(seed)
+    return [f"Req {i}: " + " ".join(rng.choice(BENCH_WORDS) for _ in range(words)) for i in range(n)]
+
+
 def make_text(n_tokens: int, rng: random.Random, tokenizer=None) -> str:
     """Text of about ``n_tokens`` tokens; exactly that many when the server's tokenizer is given
     (words are drawn, encoded, and the ids cut to length and decoded, as vLLM's random dataset
