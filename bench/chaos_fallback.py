@@ -14,51 +14,61 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import time
 from pathlib import Path
 
-import httpx
+import numpy as np
 
-from pdserve.bench.client import percentile, run_poisson
-from pdserve.bench.pd_vs_mono import ROOT, _free_port, make_bodies
+from pdserve.bench.loadgen import LoadSpec, open_session, run_load, warm_up
+from pdserve.bench.pd_vs_mono import ROOT, _free_port, make_requests
 
 ADMIN = {"Authorization": "Bearer pdserve-dev-admin"}
 _CONFIGS = {"grpc": "cpu-pd-grpc.yaml", "nixl": "cpu-pd.yaml", "monolithic": "cpu-monolithic.yaml"}
 
 
 def _ttfts(results, pred) -> list[float]:
-    return [r.ttft * 1000 for r in results if r.ok and r.ttft is not None and pred(r)]
+    return [r.ttft * 1000 for r in results if r.success and pred(r)]
 
 
 def _stats(values: list[float]) -> dict:
-    return {"n": len(values), "p50_ms": percentile(values, 50), "p95_ms": percentile(values, 95)}
+    def pct(q: float) -> float:
+        return float(np.percentile(values, q)) if values else math.nan
+
+    return {"n": len(values), "p50_ms": pct(50), "p95_ms": pct(95)}
 
 
-async def _with_chaos(url: str, bodies, rate: float, kill_at: float | None, heal_at: float | None):
-    load = asyncio.create_task(run_poisson(url, bodies, rate))
+async def _with_chaos(url: str, model: str, requests, rate: float, kill_at: float | None, heal_at: float | None):
+    """The load's records, and the link kill's time in their clock (seconds from the load's start)."""
+    t0 = time.perf_counter()
+    load = asyncio.create_task(run_load(url, "chat", model, requests, LoadSpec(rate), t_origin=t0))
     t_kill = None
     if kill_at is not None:
-        async with httpx.AsyncClient(timeout=30) as c:
+        async with open_session(timeout_s=30) as c:
             await asyncio.sleep(kill_at)
-            t_kill = time.perf_counter()
-            (await c.post(url + "/admin/chaos/kill-links", headers=ADMIN)).raise_for_status()
+            t_kill = time.perf_counter() - t0
+            async with c.post(url + "/admin/chaos/kill-links", headers=ADMIN) as r:
+                r.raise_for_status()
             await asyncio.sleep(heal_at - kill_at)
-            (await c.post(url + "/admin/chaos/heal-links", headers=ADMIN)).raise_for_status()
-    return await load, t_kill
+            async with c.post(url + "/admin/chaos/heal-links", headers=ADMIN) as r:
+                r.raise_for_status()
+    results, _ = await load
+    return results, t_kill
 
 
-def run_arm(name: str, bodies, rate: float, kill_at, heal_at) -> dict:
+def run_arm(name: str, requests, rate: float, kill_at, heal_at) -> dict:
     from pdserve.bench.cluster_runtime import runtime
     from pdserve.settings.cluster import load_config
 
     rt = runtime()
-    url = rt.start_cluster(load_config(ROOT / "configs" / _CONFIGS[name]), port=_free_port())
+    cfg = load_config(ROOT / "configs" / _CONFIGS[name])
+    url = rt.start_cluster(cfg, port=_free_port())
     try:
-        asyncio.run(run_poisson(url, make_bodies(4, 200, 8, seed=99), rate=50))
-        results, t_kill = asyncio.run(_with_chaos(url, bodies, rate, kill_at, heal_at))
+        warm_up(url, "chat", cfg.model.served_name, make_requests(4, 200, 8, seed=99))
+        results, t_kill = asyncio.run(_with_chaos(url, cfg.model.served_name, requests, rate, kill_at, heal_at))
     finally:
         rt.stop_cluster()
-    out = {"failed": sum(not r.ok for r in results), "all": _stats(_ttfts(results, lambda r: True)),
+    out = {"failed": sum(not r.success for r in results), "all": _stats(_ttfts(results, lambda r: True)),
            "by_path": {}, "by_cause": {}}
     for path in ("pd", "fallback", "monolithic"):
         vals = _ttfts(results, lambda r, p=path: r.path == p)
@@ -67,8 +77,8 @@ def run_arm(name: str, bodies, rate: float, kill_at, heal_at) -> dict:
     for cause in sorted({r.fallback_cause for r in results if r.fallback_cause}):
         out["by_cause"][cause] = _stats(_ttfts(results, lambda r, c=cause: r.fallback_cause == c))
     if t_kill is not None:
-        firsts = [r.started_at + r.ttft for r in results
-                  if r.ok and r.path == "fallback" and r.ttft is not None and r.started_at + r.ttft >= t_kill]
+        firsts = [r.start_time + r.ttft for r in results
+                  if r.success and r.path == "fallback" and r.start_time + r.ttft >= t_kill]
         out["kill_to_first_fallback_token_ms"] = (min(firsts) - t_kill) * 1000 if firsts else None
     return out
 
@@ -82,13 +92,13 @@ def main(argv=None) -> int:
     p.add_argument("--transports", default="grpc,nixl")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    bodies = make_bodies(args.requests, 200, 64)
-    arms = {"monolithic": run_arm("monolithic", bodies, args.rate, None, None)}
+    requests = make_requests(args.requests, 200, 64)
+    arms = {"monolithic": run_arm("monolithic", requests, args.rate, None, None)}
     mono = arms["monolithic"]["by_path"]["monolithic"]
     print(f"monolithic     : TTFT p50 {mono['p50_ms']:.1f} ms p95 {mono['p95_ms']:.1f} ms, "
           f"failed {arms['monolithic']['failed']}", flush=True)
     for t in args.transports.split(","):
-        a = arms[t] = run_arm(t, bodies, args.rate, args.kill_at, args.heal_at)
+        a = arms[t] = run_arm(t, requests, args.rate, args.kill_at, args.heal_at)
         print(f"{t:<4} under chaos (links killed {args.kill_at:g}-{args.heal_at:g} s): failed {a['failed']}, "
               f"kill -> first fallback token {a['kill_to_first_fallback_token_ms']:.1f} ms", flush=True)
         for path, s in a["by_path"].items():

@@ -13,26 +13,36 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
+import math
 import socket
 import time
+from collections import Counter
 from pathlib import Path
 
-from pdserve.bench.client import RequestResult, run_poisson, summarize
+from pdserve.bench.loadgen import LoadSpec, arrival_offsets, run_load, warm_up
+from pdserve.bench.stats import RequestOutput, metric_stats
+from pdserve.bench.workloads import SampleRequest, numbered_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
-_VOCAB = ("prefill decode cache block transfer engine router replica request latency throughput goodput stream "
-          "queue budget tenant priority cluster fallback link token model memory compute network").split()
 
 
-def make_bodies(n: int, input_words: int, output_tokens: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    bodies = []
-    for i in range(n):
-        text = f"Req {i}: " + " ".join(rng.choice(_VOCAB) for _ in range(input_words))
-        bodies.append({"model": "tiny", "messages": [{"role": "user", "content": text}], "max_tokens": output_tokens,
-                       "temperature": 0, "ignore_eos": True})
-    return bodies
+def make_requests(n: int, input_words: int, output_tokens: int, seed: int = 0) -> list[SampleRequest]:
+    return [SampleRequest(prompt=p, prompt_len=input_words, output_len=output_tokens)
+            for p in numbered_prompts(n, input_words, seed)]
+
+
+def summarize(outputs: list[RequestOutput]) -> dict:
+    """Completed and failed requests; TTFT, TPOT and E2E p50, p95 and mean in ms (NaN when no
+    request has the figure); completed requests per x-pdserve-path ("?": none)."""
+    ok = [r for r in outputs if r.success]
+    out: dict = {"completed": len(ok), "failed": len(outputs) - len(ok)}
+    for name, values in (("ttft", [r.ttft for r in ok]), ("tpot", [r.tpot for r in ok if r.output_tokens > 1]),
+                         ("e2e", [r.latency for r in ok])):
+        stats = metric_stats(name, values, (50, 95))
+        for key in (f"p50_{name}_ms", f"p95_{name}_ms", f"mean_{name}_ms"):
+            out[key] = math.nan if stats[key] is None else stats[key]
+    out["paths"] = dict(Counter(r.path or "?" for r in ok))
+    return out
 
 
 def _free_port() -> int:
@@ -41,7 +51,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_cluster_arm(config: str, bodies, rate: float, warmup) -> dict:
+def run_cluster_arm(config: str, requests: list[SampleRequest], rate: float, warmup: list[SampleRequest]) -> dict:
     from pdserve.bench.cluster_runtime import runtime
     from pdserve.settings.cluster import load_config
 
@@ -49,15 +59,16 @@ def run_cluster_arm(config: str, bodies, rate: float, warmup) -> dict:
     cfg = load_config(ROOT / "configs" / config)
     url = rt.start_cluster(cfg, port=_free_port())
     try:
-        asyncio.run(run_poisson(url, warmup, rate=50))
-        results = asyncio.run(run_poisson(url, bodies, rate))
+        warm_up(url, "chat", cfg.model.served_name, warmup)
+        outputs, _ = asyncio.run(run_load(url, "chat", cfg.model.served_name, requests, LoadSpec(rate)))
     finally:
         rt.stop_cluster()
-    return summarize(results)
+    return summarize(outputs)
 
 
-async def _direct(bodies, rate: float, warmup) -> list[RequestResult]:
-    """One monolithic engine on core 0, called through AsyncLLM.generate directly."""
+async def _direct(requests: list[SampleRequest], rate: float, warmup: list[SampleRequest]) -> list[RequestOutput]:
+    """One monolithic engine on core 0, called through AsyncLLM.generate directly, at the same
+    arrival times as the cluster arms' requests."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -73,25 +84,39 @@ async def _direct(bodies, rate: float, warmup) -> list[RequestResult]:
 
     tok = AutoTokenizer.from_pretrained(resolve_model(cfg.model.path))
 
-    async def one(i, body) -> RequestResult:
-        ids = tok.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=True)
+    async def one(i: int, req: SampleRequest, t0: float) -> RequestOutput:
+        ids = tok.apply_chat_template([{"role": "user", "content": req.prompt}], add_generation_prompt=True,
+                                      tokenize=True)
         ids = ids if isinstance(ids, list) else ids["input_ids"]
-        sp = SamplingParams(max_tokens=body["max_tokens"], temperature=0, ignore_eos=True,
+        sp = SamplingParams(max_tokens=req.output_len, temperature=0, ignore_eos=True,
                             output_kind=RequestOutputKind.DELTA)
-        t0 = time.perf_counter()
-        res = RequestResult(ok=True, status=200, path="direct")
-        async for out in server.engine.generate({"prompt_token_ids": ids}, sp, request_id=f"direct-{i}-{t0}"):
-            if out.outputs[0].token_ids:
-                res.record_tokens(t0, len(out.outputs[0].token_ids))
-        return res
+        out = RequestOutput(status=200, path="direct", prompt_len=len(ids))
+        st = last = time.perf_counter()
+        out.start_time = st - t0
+        async for step in server.engine.generate({"prompt_token_ids": ids}, sp, request_id=f"direct-{i}-{st}"):
+            n = len(step.outputs[0].token_ids)
+            if n:  # timed as loadgen.send_request times a read: tokens that come together, ITL 0
+                now = time.perf_counter()
+                if out.output_tokens == 0:
+                    out.ttft = now - st
+                else:
+                    out.itl.append(now - last)
+                out.itl.extend([0.0] * (n - 1))
+                out.output_tokens += n
+                last = now
+        out.latency = last - st
+        out.success = out.output_tokens > 0
+        out.error = "" if out.success else "the engine produced no token"
+        return out
 
     try:
-        await asyncio.gather(*(one(-i - 1, b) for i, b in enumerate(warmup)))
-        rng = random.Random(0)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(-i - 1, r, t0) for i, r in enumerate(warmup)))
+        t0 = time.perf_counter()
         tasks = []
-        for i, b in enumerate(bodies):
-            tasks.append(asyncio.create_task(one(i, b)))
-            await asyncio.sleep(rng.expovariate(rate))
+        for i, (req, at) in enumerate(zip(requests, arrival_offsets(len(requests), rate, 1.0, seed=0))):
+            await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(i, req, t0)))
         return await asyncio.gather(*tasks)
     finally:
         await server.shutdown()
@@ -122,8 +147,8 @@ def main(argv=None) -> int:
                    help=f"comma-separated subset of {','.join(_ARMS)}")
     args = p.parse_args(argv)
 
-    bodies = make_bodies(args.requests, args.input_words, args.output)
-    warmup = make_bodies(4, args.input_words, 8, seed=99)
+    requests = make_requests(args.requests, args.input_words, args.output)
+    warmup = make_requests(4, args.input_words, 8, seed=99)
     arms = {}
     print(f"workload: {args.requests} chat requests, ~{args.input_words} words in, {args.output} tokens out, "
           f"Poisson {args.rate} req/s, streaming, greedy", flush=True)
@@ -132,9 +157,9 @@ def main(argv=None) -> int:
             p.error(f"unknown arm {arm!r}; choose from {', '.join(_ARMS)}")
         config, label = _ARMS[arm]
         if config is None:
-            arms[arm] = summarize(asyncio.run(_direct(bodies, args.rate, warmup)))
+            arms[arm] = summarize(asyncio.run(_direct(requests, args.rate, warmup)))
         else:
-            arms[arm] = run_cluster_arm(config, bodies, args.rate, warmup)
+            arms[arm] = run_cluster_arm(config, requests, args.rate, warmup)
         print(f"{label:<22}:", _fmt(arms[arm]), flush=True)
 
     print("\nratios (same run):")
