@@ -170,6 +170,7 @@ class KVEventFeed:
                 sub.start()
         for replica in set(self.subscriptions) - set(reports):
             self.subscriptions.pop(replica).stop()
+        for replica in set(self.index.replicas()) - set(reports):
             self.index.drop(replica)
 
     def close(self) -> None:
