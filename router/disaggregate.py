@@ -117,7 +117,10 @@ class Disaggregator:
             uncached = self.count_hit(ctx, pool, leg.replica_id)
             if pool in ("prefill", "decode"):
                 wait = ctx.ticket.queue_wait_s if ctx.ticket is not None else 0.0
-                self.measure.prefill_done(pool, uncached, max(0.0, ttft_s - wait), ahead(picked))
+                # On a decode engine only queued requests wait ahead of a prefill; the decodes it
+                # runs slow it down, and the decode pool's fit keeps that (the prediction matches).
+                queue = picked.waiting if pool == "decode" else ahead(picked)
+                self.measure.prefill_done(pool, uncached, max(0.0, ttft_s - wait), queue)
 
     def observe_poll(self, prefill_replicas: int) -> None:
         """Once per load poll: the prefill engines' busy share, and /metrics."""
