@@ -17,10 +17,11 @@ Every request must come back 200 with the greedy answer the monolithic app gives
 Each test resumes what it stopped and waits for P/D to serve again, with no KV left on the
 prefill engine, so the tests after it find the cluster as it was.
 
-``prefill_returned_no_kv_params`` has no test here: neither vLLM 0.32's NIXL connector nor
-pdserve's gRPC connector ever answers a finished, non-aborted prefill leg without
-``kv_transfer_params`` (both hand off length-capped and stopped requests alike), so it
-cannot be produced on a real engine without a fault hook in the connector.
+* ``prefill_returned_no_kv_params``: the engines' chaos switch ``drop_kv_params``
+  (``pdserve chaos faults --drop-kv-params``) makes the prefill engine's gRPC connector finish
+  each leg without handing off its KV, as a prefill engine without a working connector does.
+  vLLM 0.32's NIXL connector and ours otherwise hand off every finished leg (length-capped and
+  stopped alike), so a real engine needs that switch to produce this cause.
 """
 from __future__ import annotations
 
@@ -255,4 +256,24 @@ def test_prefill_error_when_the_prefill_connection_drops(clusters):
     _assert_fallback(r, "prefill_error", expected)
     assert r.headers["x-pdserve-prefill-replica"] == replica["replica"]
     assert _fallbacks(url, "prefill_error") == before + 1
+    _back_to_pd(url, replica["pid"])
+
+
+def test_prefill_returned_no_kv_params(clusters):
+    from pdserve.cluster.cli import main
+
+    url = clusters.grpc_url
+    body = chat_body(PROMPT.format("no kv params"), MAX_TOKENS)
+    expected = _expected(clusters.mono_url, body)
+    before = _fallbacks(url, "prefill_returned_no_kv_params")
+    replica = _prefill(url)
+    assert main(["chaos", "--url", url, "faults", "--drop-kv-params"]) == 0
+    try:
+        r = post(url, "/v1/chat/completions", body)
+    finally:
+        assert main(["chaos", "--url", url, "heal-links"]) == 0
+    _assert_fallback(r, "prefill_returned_no_kv_params", expected)
+    assert r.headers["x-pdserve-prefill-replica"] == replica["replica"]  # the leg ran and came back
+    assert _fallbacks(url, "prefill_returned_no_kv_params") == before + 1
+    # the leg's blocks were freed when it finished, not leased: nothing waits for a lease to expire
     _back_to_pd(url, replica["pid"])
