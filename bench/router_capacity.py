@@ -8,8 +8,9 @@ gives it), so every cost it has in production is in the figures: HTTP via uvicor
 checks and chat-template tokenizing, admission, replica selection, the Ray handle calls, the
 load polls, parsing every chunk for mid-stream resume, metrics. The P/D mode runs both legs
 (prefill json leg, then the decode stream with its KV report) through stub prefill and decode
-pools. The load clients run in separate processes and parse almost nothing (they count token
-events in raw bytes), so that they are not the bottleneck; their CPU is reported to prove it.
+pools. The load clients (bench/capacity_load.py, sending bench/loadgen.py's requests) run in
+separate processes and count token events in raw bytes rather than parse each chunk, so that
+they are not the bottleneck; their CPU is reported to prove it.
 
 It sweeps closed-loop concurrency (each level: warm-up, then a fixed measurement window),
 then open-loop Poisson rates (by default fractions of the closed-loop capacity), and prints
@@ -30,30 +31,23 @@ machine is busy before it starts).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import math
 import os
-import random
 import re
 import sys
 import time
-from array import array
-from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
-from pdserve.bench.stub_engine import STUB_LABEL, STUB_NAME, InstantStubEngine, InstantStubReplica, StubSettings
-
-__all__ = ["InstantStubEngine", "StubSettings", "stub_cluster_config", "build_stub_app", "analyze_closed_loop",
-           "analyze_open_loop", "limiting_resource", "main"]
+from pdserve.bench.capacity_analysis import (TABLE_HEADER, TABLE_UNITS, CpuProbe, analyze_closed_loop,
+                                             analyze_open_loop, print_summary, table_row)
+from pdserve.bench.capacity_load import ClientPool, request_payloads, summarize_level
+from pdserve.bench.stub_engine import STUB_LABEL, InstantStubReplica, StubSettings
 
 DEFAULT_CONCURRENCY = (1, 8, 32, 64, 128, 256)
 DEFAULT_RATE_FRACTIONS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.2)
 GOAL_RATIO = 10.0
 APP_NAME = "router-capacity-stub"
-_VOCAB = ("prefill decode cache block transfer engine router replica request latency throughput goodput stream "
-          "queue budget tenant priority cluster fallback link token model memory compute network").split()
 
 
 # ============================================================================================
@@ -159,501 +153,6 @@ def find_replica_pids_by_title(app: str, deployment: str) -> list[int]:
 
 
 # ============================================================================================
-# the load client (runs in its own processes)
-
-
-def request_payloads(n: int, input_words: int, output_tokens: int, served_name: str = "tiny",
-                     seed: int = 0) -> list[bytes]:
-    """``n`` distinct streamed chat bodies, JSON-encoded once."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        text = f"Req {i}: " + " ".join(rng.choice(_VOCAB) for _ in range(input_words))
-        body = {"model": served_name, "messages": [{"role": "user", "content": text}], "max_tokens": output_tokens,
-                "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-        out.append(json.dumps(body).encode())
-    return out
-
-
-_TOKEN = b'"content":"'
-_EMPTY = b'"content":""'
-_DONE = b"data: [DONE]"
-_ERROR = b'data: {"error"'
-_HEADERS = {"Content-Type": "application/json"}
-
-
-class _Recorder:
-    """Per-request records of one client process, in flat arrays (cheap to ship back)."""
-
-    def __init__(self) -> None:
-        self.starts = array("d")
-        self.ends = array("d")
-        self.ttfts = array("d")
-        self.ntoks = array("l")
-        self.oks = array("b")
-        self.itl_counts = array("l")
-        self.itls = array("f")
-        self.statuses: Counter = Counter()
-        self.errors: list[str] = []
-        self.inflight = 0
-        self.samples = array("l")
-        self.dropped = 0
-        self.unfinished = 0
-
-    def add(self, start, end, ttft, ntok, ok, status, itls, err) -> None:
-        self.starts.append(start)
-        self.ends.append(end)
-        self.ttfts.append(ttft)
-        self.ntoks.append(ntok)
-        self.oks.append(1 if ok else 0)
-        self.itl_counts.append(len(itls))
-        self.itls.extend(itls)
-        self.statuses[status] += 1
-        if err is not None and len(self.errors) < 5:
-            self.errors.append(err[:300])
-
-    def result(self) -> dict[str, Any]:
-        return {"starts": self.starts, "ends": self.ends, "ttfts": self.ttfts, "ntoks": self.ntoks, "oks": self.oks,
-                "itl_counts": self.itl_counts, "itls": self.itls, "statuses": dict(self.statuses),
-                "errors": self.errors, "inflight_samples": self.samples, "dropped": self.dropped,
-                "unfinished": self.unfinished}
-
-
-async def _sleep_until(t: float) -> None:
-    delay = t - time.monotonic()
-    if delay > 0:
-        await asyncio.sleep(delay)
-
-
-async def _stream_once(session, url: str, payload: bytes, rec: _Recorder) -> None:
-    """One streamed request; tokens are counted in the raw bytes (no JSON parsing)."""
-    t0 = time.monotonic()
-    ttft = end = math.nan
-    ntok = status = 0
-    ok = False
-    err: Optional[str] = None
-    itls: list[float] = []
-    rec.inflight += 1
-    try:
-        async with session.post(url, data=payload, headers=_HEADERS) as resp:
-            status = resp.status
-            if status != 200:
-                err = f"HTTP {status}: {(await resp.read())[:200]!r}"
-            else:
-                buf = b""
-                last = None
-                done = False
-                async for data in resp.content.iter_any():
-                    buf += data
-                    cut = buf.rfind(b"\n\n")
-                    if cut < 0:
-                        continue
-                    part, buf = buf[:cut + 2], buf[cut + 2:]
-                    n = part.count(_TOKEN) - part.count(_EMPTY)
-                    if n > 0:
-                        now = time.monotonic()
-                        if last is None:
-                            ttft = now - t0
-                        else:
-                            itls.append(now - last)
-                        last = now
-                        ntok += n
-                    if _ERROR in part and err is None:
-                        err = "error event in the stream: " + part[part.find(_ERROR):][:200].decode(errors="replace")
-                    if not done and _DONE in part:
-                        done = True
-                        end = time.monotonic()
-                # read on to the end of the body so the connection is kept for the next request
-                if not done and err is None:
-                    err = "the stream ended before data: [DONE]"
-                ok = done and err is None and ntok > 0
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:  # noqa: BLE001 - recorded, not raised: a benchmark counts failures
-        err = f"{type(e).__name__}: {e}"
-    finally:
-        rec.inflight -= 1
-    rec.add(t0, end, ttft, ntok, ok, status, itls, err)
-
-
-async def _sample_inflight(rec: _Recorder, ws: float, we: float, every: float = 0.05) -> None:
-    await _sleep_until(ws)
-    while time.monotonic() < we:
-        rec.samples.append(rec.inflight)
-        await asyncio.sleep(every)
-
-
-async def _run_level(cmd: dict[str, Any], url: str, payloads: list[bytes]) -> dict[str, Any]:
-    import aiohttp
-
-    rec = _Recorder()
-    t0 = cmd["t_start"]
-    ws = t0 + cmd["warmup_s"]
-    we = ws + cmd["duration_s"]
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=cmd["read_timeout_s"])
-    tasks: set[asyncio.Task] = set()
-    rng = random.Random(cmd["seed"])
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        await _sleep_until(t0)
-        sampler = asyncio.create_task(_sample_inflight(rec, ws, we))
-        if cmd["kind"] == "closed":
-            async def stream_slot(slot: int) -> None:
-                i = slot
-                while time.monotonic() < we:
-                    await _stream_once(session, url, payloads[i % len(payloads)], rec)
-                    i += cmd["concurrency"]
-
-            tasks = {asyncio.create_task(stream_slot(s + cmd["slot_offset"])) for s in range(cmd["concurrency"])}
-        elif cmd["rate"] > 0:
-            i = 0
-            nxt = t0
-            while True:
-                nxt += rng.expovariate(cmd["rate"])
-                if nxt >= we:
-                    break
-                await _sleep_until(nxt)
-                if rec.inflight >= cmd["max_inflight"]:
-                    if nxt >= ws:
-                        rec.dropped += 1
-                    continue
-                t = asyncio.create_task(_stream_once(session, url, payloads[(i + cmd["slot_offset"]) % len(payloads)],
-                                                     rec))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-                i += 1
-        await _sleep_until(we)
-        pending = set(tasks)
-        if pending:
-            _, pending = await asyncio.wait(pending, timeout=cmd["drain_s"])
-        rec.unfinished = rec.inflight
-        for t in pending:
-            t.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
-        sampler.cancel()
-        await asyncio.gather(sampler, return_exceptions=True)
-    return rec.result()
-
-
-def _client_worker(index: int, url: str, payloads: list[bytes], cmd_q, res_q) -> None:
-    """A client process: runs each level it is sent, sends back its records."""
-    try:
-        import uvloop
-
-        run = uvloop.run
-    except ImportError:  # pragma: no cover
-        run = asyncio.run
-    import aiohttp  # noqa: F401 - import before saying ready
-
-    res_q.put(("ready", index, os.getpid()))
-    while True:
-        cmd = cmd_q.get()
-        if cmd is None:
-            return
-        try:
-            res_q.put(("result", index, run(_run_level(cmd, url, payloads))))
-        except Exception as e:  # noqa: BLE001 - reported to the driver
-            res_q.put(("failed", index, f"{type(e).__name__}: {e}"))
-
-
-class ClientPool:
-    """Load-client processes (multiprocessing, spawn), kept across levels."""
-
-    def __init__(self, n: int, url: str, payloads: list[bytes], start_timeout_s: float = 120.0) -> None:
-        import multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
-        self.cmd_qs = [ctx.Queue() for _ in range(n)]
-        self.res_q = ctx.Queue()
-        self.procs = [ctx.Process(target=_client_worker, args=(i, url, payloads, self.cmd_qs[i], self.res_q),
-                                  name=f"router-capacity-client-{i}", daemon=True) for i in range(n)]
-        for p in self.procs:
-            p.start()
-        self.pids: list[int] = []
-        deadline = time.monotonic() + start_timeout_s
-        while len(self.pids) < n:
-            msg = self.res_q.get(timeout=max(1.0, deadline - time.monotonic()))
-            if msg[0] == "ready":
-                self.pids.append(msg[2])
-
-    def submit(self, cmds: list[dict[str, Any]]) -> None:
-        """One command per client process (they start at the command's t_start)."""
-        for q, cmd in zip(self.cmd_qs, cmds):
-            q.put(cmd)
-
-    def collect(self, timeout_s: float) -> list[dict[str, Any]]:
-        results: list[Optional[dict[str, Any]]] = [None] * len(self.procs)
-        deadline = time.monotonic() + timeout_s
-        got = 0
-        while got < len(results):
-            kind, i, payload = self.res_q.get(timeout=max(1.0, deadline - time.monotonic()))
-            if kind == "failed":
-                raise RuntimeError(f"load client {i} failed: {payload}")
-            if kind == "result":
-                results[i] = payload
-                got += 1
-        return results  # type: ignore[return-value]
-
-    def close(self) -> None:
-        for q in self.cmd_qs:
-            try:
-                q.put(None)
-            except Exception:  # noqa: BLE001
-                pass
-        for p in self.procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.terminate()  # only our own client processes
-                p.join(timeout=5)
-
-
-# ============================================================================================
-# CPU accounting (driver side)
-
-
-def _thread_name(pid: int, tid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
-    except OSError:
-        return "?"
-
-
-class CpuProbe:
-    """CPU seconds of the router process (and its busiest threads), the stubs, the clients and
-    the machine, between two snapshots."""
-
-    def __init__(self, router_pids: list[int], stub_pids: dict[str, list[int]], client_pids: list[int]) -> None:
-        import psutil
-
-        self.psutil = psutil
-        self.router_pids = router_pids
-        self.stub_pids = stub_pids
-        self.client_pids = client_pids
-        self.ncores = psutil.cpu_count(logical=True) or os.cpu_count() or 1
-
-    def _proc_time(self, pid: int) -> Optional[float]:
-        try:
-            t = self.psutil.Process(pid).cpu_times()
-            return t.user + t.system
-        except Exception:  # noqa: BLE001 - gone
-            return None
-
-    def snapshot(self) -> dict[str, Any]:
-        threads: dict[int, float] = {}
-        if len(self.router_pids) == 1:
-            try:
-                threads = {th.id: th.user_time + th.system_time
-                           for th in self.psutil.Process(self.router_pids[0]).threads()}
-            except Exception:  # noqa: BLE001
-                threads = {}
-        return {
-            "t": time.monotonic(),
-            "router": {pid: self._proc_time(pid) for pid in self.router_pids},
-            "threads": threads,
-            "stubs": {pool: {pid: self._proc_time(pid) for pid in pids} for pool, pids in self.stub_pids.items()},
-            "clients": {pid: self._proc_time(pid) for pid in self.client_pids},
-            "system": self.psutil.cpu_times(percpu=True),
-        }
-
-    def delta(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-        wall = max(1e-9, b["t"] - a["t"])
-
-        def pct(x: Optional[float], y: Optional[float]) -> Optional[float]:
-            return None if x is None or y is None else 100.0 * (y - x) / wall
-
-        def pcts(da: dict[int, Optional[float]], db: dict[int, Optional[float]]) -> list[float]:
-            return [v for v in (pct(da.get(p), db.get(p)) for p in db) if v is not None]
-
-        router = pcts(a["router"], b["router"])
-        stubs = {pool: pcts(a["stubs"][pool], b["stubs"][pool]) for pool in b["stubs"]}
-        clients = pcts(a["clients"], b["clients"])
-        top = sorted(((pct(a["threads"].get(tid), t) or 0.0, tid) for tid, t in b["threads"].items()),
-                     reverse=True)[:3]
-        rpid = self.router_pids[0] if len(self.router_pids) == 1 else None
-        busy = []
-        for x, y in zip(a["system"], b["system"]):
-            tot = sum(y) - sum(x)
-            idle = (y.idle - x.idle) + (getattr(y, "iowait", 0.0) - getattr(x, "iowait", 0.0))
-            busy.append(max(0.0, (tot - idle) / tot) if tot > 0 else 0.0)
-        stub_all = [v for vs in stubs.values() for v in vs]
-        machine_cores = sum(busy)
-        known = (sum(router) + sum(stub_all) + sum(clients)) / 100.0
-        return {
-            "router_pct": sum(router) if router else None,
-            "router_threads_pct": [{"thread": _thread_name(rpid, tid) if rpid else "?", "pct": round(v, 1)}
-                                   for v, tid in top],
-            "stubs_pct": {pool: round(sum(vs), 1) for pool, vs in stubs.items()},
-            "stubs_total_pct": sum(stub_all),
-            "stub_max_pct": max(stub_all) if stub_all else None,
-            "clients_pct": sum(clients),
-            "client_max_pct": max(clients) if clients else None,
-            "machine_busy_cores": machine_cores,
-            "machine_busy_pct": 100.0 * machine_cores / max(1, len(busy)),
-            "busiest_core_pct": 100.0 * max(busy) if busy else None,
-            "other_busy_cores": max(0.0, machine_cores - known),  # Ray's own processes and anything else
-            "ncores": len(busy),
-        }
-
-
-# ============================================================================================
-# statistics and analysis
-
-
-def _pct(values, q: float) -> Optional[float]:
-    import numpy as np
-
-    return float(np.percentile(values, q)) if len(values) else None
-
-
-def summarize_level(results: list[dict[str, Any]], ws: float, we: float) -> dict[str, Any]:
-    """One level's figures from all clients' records; window [ws, we] (monotonic seconds)."""
-    import numpy as np
-
-    def cat(key: str, dtype) -> "np.ndarray":
-        parts = [np.frombuffer(r[key], dtype=dtype) if len(r[key]) else np.zeros(0, dtype) for r in results]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype)
-
-    starts, ends, ttfts = cat("starts", np.float64), cat("ends", np.float64), cat("ttfts", np.float64)
-    ntoks, oks = cat("ntoks", np.dtype("l")), cat("oks", np.int8).astype(bool)
-    itl_counts, itls = cat("itl_counts", np.dtype("l")), cat("itls", np.float32)
-    window = we - ws
-    with np.errstate(invalid="ignore"):
-        done = oks & (ends >= ws) & (ends <= we)
-    issued = (starts >= ws) & (starts < we)
-    lat = issued & oks
-    itl_sel = itls[np.repeat(lat, itl_counts)].astype(np.float64) if len(itls) else np.zeros(0)
-    failed = issued & ~oks
-    statuses: Counter = Counter()
-    errors: list[str] = []
-    samples: list[list[int]] = []
-    for r in results:
-        statuses.update({int(k): v for k, v in r["statuses"].items()})
-        errors.extend(r["errors"][:max(0, 5 - len(errors))])
-        samples.append(list(r["inflight_samples"]))
-    # concurrent streams: the sum over clients of their sampled in-flight counts
-    n = min((len(s) for s in samples if s), default=0)
-    streams = [sum(s[i] for s in samples if len(s) > i) for i in range(n)]
-    ms = 1000.0
-    out = {
-        "window_s": window,
-        "completed": int(done.sum()),
-        "rps": float(done.sum() / window),
-        "tokens_per_s": float(ntoks[done].sum() / window),
-        "streams_mean": float(np.mean(streams)) if streams else 0.0,
-        "streams_max": int(max(streams)) if streams else 0,
-        "issued": int(issued.sum()),
-        "failed": int(failed.sum()),
-        "error_rate": float(failed.sum() / issued.sum()) if issued.sum() else 0.0,
-        "dropped_by_client": int(sum(r["dropped"] for r in results)),
-        "unfinished": int(sum(r["unfinished"] for r in results)),
-        "statuses": {str(k): v for k, v in sorted(statuses.items())},
-        "error_samples": errors,
-        "mean_output_tokens": float(ntoks[lat].mean()) if lat.any() else None,
-    }
-    for name, vals in (("ttft", ttfts[lat]), ("itl", itl_sel), ("e2e", (ends - starts)[lat])):
-        for q in (50, 99):
-            v = _pct(vals, q)
-            out[f"{name}_p{q}_ms"] = None if v is None else v * ms
-    return out
-
-
-def _healthy(level: dict[str, Any], ttft_limit_ms: float, max_error_rate: float) -> bool:
-    return (level.get("completed", 0) > 0 and level.get("ttft_p99_ms") is not None
-            and level["ttft_p99_ms"] <= ttft_limit_ms and level["error_rate"] <= max_error_rate)
-
-
-def analyze_closed_loop(levels: list[dict[str, Any]], *, growth: float = 0.10, ttft_factor: float = 10.0,
-                        max_error_rate: float = 0.01) -> dict[str, Any]:
-    """Where the closed-loop sweep saturates.
-
-    The knee is the level after which req/s stops growing by more than ``growth``, or after
-    which p99 TTFT exceeds ``ttft_factor`` x its value at the lowest level (or errors exceed
-    ``max_error_rate``). The capacity is the highest req/s of any level still within those
-    latency and error bounds; the concurrent streams figure is the most streams held within them.
-    """
-    valid = [lv for lv in levels if lv.get("completed", 0) > 0 and lv.get("ttft_p99_ms") is not None]
-    if not valid:
-        return {"saturated": None, "reason": "no level completed any request"}
-    base = valid[0]["ttft_p99_ms"]
-    limit = ttft_factor * base
-    knee_i: Optional[int] = None
-    reason = None
-    for i in range(1, len(valid)):
-        prev, cur = valid[i - 1], valid[i]
-        if cur["error_rate"] > max_error_rate:
-            knee_i, reason = i - 1, (f"errors: {cur['error_rate']:.1%} of requests failed at {cur['label']} "
-                                     f"(bound {max_error_rate:.0%})")
-        elif cur["ttft_p99_ms"] > limit:
-            knee_i, reason = i - 1, (f"p99 TTFT {cur['ttft_p99_ms']:.1f} ms at {cur['label']} is over "
-                                     f"{ttft_factor:g}x the low-load {base:.1f} ms")
-        elif cur["rps"] < prev["rps"] * (1 + growth):
-            knee_i, reason = i - 1, (f"req/s grew only {cur['rps'] / prev['rps'] - 1:+.1%} from {prev['label']} to "
-                                     f"{cur['label']} (needs > +{growth:.0%})")
-        if knee_i is not None:
-            break
-    sustained = [lv for lv in valid if _healthy(lv, limit, max_error_rate)] or [valid[0]]
-    best = max(sustained, key=lambda lv: lv["rps"])
-    streams = max(sustained, key=lambda lv: lv["streams_mean"])
-    out = {
-        "low_load_ttft_p99_ms": base,
-        "ttft_p99_limit_ms": limit,
-        "saturated": knee_i is not None,
-        "knee_level": valid[knee_i]["label"] if knee_i is not None else None,
-        "knee_rps": valid[knee_i]["rps"] if knee_i is not None else None,
-        "reason": reason or f"req/s still grew by > {growth:.0%} at every level: not saturated within the sweep",
-        "capacity_rps": best["rps"],
-        "capacity_tokens_per_s": best["tokens_per_s"],
-        "capacity_level": best["label"],
-        "max_streams_within_bounds": streams["streams_mean"],
-        "max_streams_level": streams["label"],
-        "judged_level": (valid[knee_i + 1] if knee_i is not None and knee_i + 1 < len(valid) else valid[-1])["label"],
-    }
-    return out
-
-
-def analyze_open_loop(levels: list[dict[str, Any]], *, ttft_limit_ms: Optional[float], keep_up: float = 0.95,
-                      max_error_rate: float = 0.01) -> dict[str, Any]:
-    """The highest offered rate the router kept up with (completed >= keep_up x offered) within bounds."""
-    ok = [lv for lv in levels if lv.get("completed", 0) > 0 and lv["rps"] >= keep_up * lv["offered_rps"]
-          and _healthy(lv, math.inf if ttft_limit_ms is None else ttft_limit_ms, max_error_rate)]
-    if not ok:
-        return {"sustained_rate_rps": None, "sustained_level": None}
-    best = max(ok, key=lambda lv: lv["offered_rps"])
-    return {"sustained_rate_rps": best["offered_rps"], "achieved_rps": best["rps"], "sustained_level": best["label"]}
-
-
-def limiting_resource(level: dict[str, Any], *, busy: float = 85.0) -> dict[str, str]:
-    """What held the router back at a saturated level, from its CPU figures."""
-    cpu = level.get("cpu") or {}
-    router = cpu.get("router_pct")
-    n = cpu.get("ncores") or 1
-    if cpu.get("client_max_pct") is not None and cpu["client_max_pct"] >= busy:
-        return {"resource": "load client",
-                "detail": (f"a client process used {cpu['client_max_pct']:.0f}% of a core: the client, not the router, "
-                           "may be the limit here; run with more --clients")}
-    if router is not None and router >= busy:
-        return {"resource": "router replica CPU",
-                "detail": (f"the router process used {router:.0f}% of a core: one Python interpreter, so its event "
-                           "loops and the GIL top out near 100%; more router work per request lowers capacity")}
-    if cpu.get("machine_busy_pct") is not None and cpu["machine_busy_pct"] >= 90.0:
-        return {"resource": "machine CPU",
-                "detail": (f"{cpu['machine_busy_cores']:.1f} of {n} cores busy (router {router or 0:.0f}%, stubs "
-                           f"{cpu.get('stubs_total_pct', 0):.0f}%, clients {cpu.get('clients_pct', 0):.0f}%, Ray and "
-                           f"others {100 * cpu.get('other_busy_cores', 0):.0f}%): the router cannot get more CPU on "
-                           "this machine; its CPU cost per request (below) is the portable figure")}
-    if cpu.get("stub_max_pct") is not None and cpu["stub_max_pct"] >= busy:
-        return {"resource": "stub engine replica",
-                "detail": (f"a stub replica used {cpu['stub_max_pct']:.0f}% of a core: run with more "
-                           "--stub-replicas")}
-    if router is None:
-        return {"resource": "unknown", "detail": "the router process was not found, so its CPU is unknown"}
-    return {"resource": "none saturated (latency-bound)",
-            "detail": (f"router {router:.0f}%, machine {cpu.get('machine_busy_pct', 0):.0f}%: no CPU was full; the "
-                       "limit is round-trip latency through HTTP and Ray at this concurrency")}
-
-
-# ============================================================================================
 # the driver
 
 
@@ -661,36 +160,10 @@ def _levels_arg(text: str, kind=int) -> list:
     return [kind(x) for x in text.split(",") if x.strip()] if text else []
 
 
-def _f(v: Optional[float], spec: str = "8.1f") -> str:
-    """``v`` formatted with ``spec``, or a dash as wide."""
-    if v is not None:
-        return format(v, spec)
-    width = re.match(r"\d*", spec).group()
-    return "-".rjust(int(width)) if width else "-"
-
-
-_HEADER = (f"{'level':>12} {'req/s':>8} {'tok/s':>9} {'streams':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
-           f"{'ITL p50':>8} {'ITL p99':>8} {'router':>7} {'rtr ms':>7} {'stubs':>6} {'client':>7} {'machine':>8} "
-           f"{'err':>5}")
-_UNITS = (f"{'':>12} {'':>8} {'':>9} {'(mean)':>8} {'ms':>9} {'ms':>9} {'ms':>8} {'ms':>8} {'CPU %':>7} "
-          f"{'CPU/req':>7} {'CPU %':>6} {'CPU %':>7} {'CPU %':>8} {'':>5}")
-
-
-def _row(lv: dict[str, Any]) -> str:
-    cpu = lv.get("cpu") or {}
-    ms_req = lv.get("router_cpu_ms_per_req")
-    return (f"{lv['label']:>12} {lv['rps']:8.1f} {lv['tokens_per_s']:9.0f} {lv['streams_mean']:8.1f} "
-            f"{_f(lv.get('ttft_p50_ms'), '9.2f')} {_f(lv.get('ttft_p99_ms'), '9.2f')} "
-            f"{_f(lv.get('itl_p50_ms'), '8.2f')} {_f(lv.get('itl_p99_ms'), '8.2f')} "
-            f"{_f(cpu.get('router_pct'), '7.0f')} {_f(ms_req, '7.2f')} {_f(cpu.get('stubs_total_pct'), '6.0f')} "
-            f"{_f(cpu.get('clients_pct'), '7.0f')} {_f(cpu.get('machine_busy_pct'), '8.0f')} "
-            f"{lv['error_rate'] * 100:4.1f}%")
-
-
 def _run_one_level(clients: ClientPool, probe: Optional[CpuProbe], label: str, kind: str, value: float,
                    args: argparse.Namespace) -> dict[str, Any]:
     n = len(clients.procs)
-    t_start = time.monotonic() + 0.5
+    t_start = time.perf_counter() + 0.5  # the clients' clock (loadgen.send_request's)
     ws = t_start + args.warmup
     we = ws + args.duration
     cmds = []
@@ -706,11 +179,11 @@ def _run_one_level(clients: ClientPool, probe: Optional[CpuProbe], label: str, k
         cmds.append(cmd)
     # the clients start at t_start; the CPU window is the measurement window
     clients.submit(cmds)
-    time.sleep(max(0.0, ws - time.monotonic()))
+    time.sleep(max(0.0, ws - time.perf_counter()))
     a = probe.snapshot() if probe else None
-    time.sleep(max(0.0, we - time.monotonic()))
+    time.sleep(max(0.0, we - time.perf_counter()))
     b = probe.snapshot() if probe else None
-    lv = summarize_level(clients.collect(args.drain + 120), ws, we)
+    lv = summarize_level(clients.collect(args.drain + 120), args.warmup, args.warmup + args.duration)
     lv.update(label=label, kind=kind)
     if kind == "closed":
         lv["concurrency"] = int(value)
@@ -863,12 +336,12 @@ def main(argv: Optional[list[str]] = None) -> int:
               "request", flush=True)
         if concurrency:
             print(f"\nclosed loop: N streams kept open (each client slot sends its next request when the last "
-                  f"ends)\n{_HEADER}\n{_UNITS}", flush=True)
+                  f"ends)\n{TABLE_HEADER}\n{TABLE_UNITS}", flush=True)
             base_ttft = None
             for c in concurrency:
                 lv = _run_one_level(clients, probe, f"c={c}", "closed", c, args)
                 report["closed_loop"].append(lv)
-                print(_row(lv), flush=True)
+                print(table_row(lv), flush=True)
                 if base_ttft is None and lv.get("ttft_p99_ms"):
                     base_ttft = lv["ttft_p99_ms"]
                 if lv["error_rate"] > 0.5 or (base_ttft and lv.get("ttft_p99_ms")
@@ -882,11 +355,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             cap = closed.get("capacity_rps") or 0.0
             rates = [round(f * cap, 1) for f in DEFAULT_RATE_FRACTIONS if f * cap > 0]
         if rates:
-            print(f"\nopen loop: Poisson arrivals at a fixed rate (req/s offered)\n{_HEADER}\n{_UNITS}", flush=True)
+            print(f"\nopen loop: Poisson arrivals at a fixed rate (req/s offered)\n{TABLE_HEADER}\n{TABLE_UNITS}", flush=True)
             for r in rates:
                 lv = _run_one_level(clients, probe, f"{r:g}/s", "open", r, args)
                 report["open_loop"].append(lv)
-                print(_row(lv) + (f"  dropped {lv['dropped_by_client']}" if lv["dropped_by_client"] else ""),
+                print(table_row(lv) + (f"  dropped {lv['dropped_by_client']}" if lv["dropped_by_client"] else ""),
                       flush=True)
         opened = analyze_open_loop(report["open_loop"], ttft_limit_ms=closed.get("ttft_p99_limit_ms"),
                                    max_error_rate=args.max_error_rate) if report["open_loop"] else {}
@@ -904,77 +377,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             ray.shutdown()
 
     report["analysis"] = {"closed_loop": closed, "open_loop": opened}
-    _print_summary(report, args)
+    print_summary(report, args)
     report["elapsed_s"] = time.monotonic() - t_begin
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2, default=str))
         print(f"\nfigures written to {args.json_out}", flush=True)
     return 0
-
-
-def _print_summary(report: dict[str, Any], args: argparse.Namespace) -> None:
-    closed = report["analysis"]["closed_loop"]
-    opened = report["analysis"]["open_loop"]
-    print(f"\nsummary (engines are {STUB_NAME} STUBS: these are the router's limits, not serving figures)")
-    levels = {lv["label"]: lv for lv in report["closed_loop"]}
-    cmp: dict[str, Any] = {"goal_ratio": args.goal_ratio}
-    if closed.get("capacity_rps") is not None:
-        print(f"  low-load p99 TTFT {closed['low_load_ttft_p99_ms']:.2f} ms; latency bound "
-              f"{args.ttft_factor:g}x = {closed['ttft_p99_limit_ms']:.2f} ms")
-        if closed["saturated"]:
-            print(f"  saturates after {closed['knee_level']} ({closed['knee_rps']:.1f} req/s): {closed['reason']}")
-        else:
-            print(f"  not saturated within the sweep ({closed['reason']}); the capacity below is a lower bound")
-        print(f"  router capacity: {closed['capacity_rps']:.1f} req/s, {closed['capacity_tokens_per_s']:.0f} tokens/s "
-              f"(at {closed['capacity_level']}, within the latency and error bounds)")
-        print(f"  concurrent streams within bounds: {closed['max_streams_within_bounds']:.0f} "
-              f"(at {closed['max_streams_level']})")
-        judged = levels.get(closed["judged_level"])
-        if judged is not None:
-            lim = limiting_resource(judged)
-            closed["limiting_resource"] = lim
-            print(f"  limiting resource at {judged['label']}: {lim['resource']}: {lim['detail']}")
-            cpu = judged.get("cpu") or {}
-            if cpu.get("router_threads_pct"):
-                tops = ", ".join(f"{t['thread']} {t['pct']:.0f}%" for t in cpu["router_threads_pct"])
-                print(f"  router's busiest threads there: {tops}")
-            ms_req = judged.get("router_cpu_ms_per_req")
-            if ms_req:
-                per_core = 1000.0 / ms_req
-                closed["router_cpu_ms_per_req"] = ms_req
-                closed["router_rps_per_dedicated_core"] = per_core
-                print(f"  router CPU cost: {ms_req:.2f} ms per request ({judged['router_cpu_us_per_token']:.0f} us per "
-                      f"token); a router with one core to itself would top out near {per_core:.0f} req/s "
-                      "(extrapolated: 1000 / ms per request)")
-    if opened.get("sustained_rate_rps") is not None:
-        print(f"  open loop: kept up with {opened['sustained_rate_rps']:g} req/s offered "
-              f"({opened['achieved_rps']:.1f} completed) within the bounds")
-    elif report["open_loop"]:
-        print("  open loop: no offered rate was kept up with within the bounds")
-
-    cap = closed.get("capacity_rps")
-    print(f"\ncomparison with the engine pools (goal: router capacity >= {args.goal_ratio:g}x engine capacity)")
-    if args.engine_capacity_rps:
-        ratio = cap / args.engine_capacity_rps if cap else None
-        cmp.update(engine_capacity_rps=args.engine_capacity_rps, router_capacity_rps=cap, ratio=ratio,
-                   goal_met=bool(ratio is not None and ratio >= args.goal_ratio))
-        print(f"  router capacity (stub engines, measured here): {_f(cap, '.1f')} req/s")
-        print(f"  engine-pool capacity (--engine-capacity-rps):  {args.engine_capacity_rps:g} req/s")
-        if ratio is not None:
-            print(f"  ratio: {ratio:.1f}x  -> goal {'MET' if cmp['goal_met'] else 'NOT MET'}")
-        if closed.get("router_rps_per_dedicated_core"):
-            r2 = closed["router_rps_per_dedicated_core"] / args.engine_capacity_rps
-            cmp["ratio_dedicated_core_extrapolated"] = r2
-            print(f"  (extrapolated, router on a dedicated core: {r2:.1f}x)")
-    else:
-        print("  engine-pool capacity not given: pass --engine-capacity-rps (the real pools' measured req/s for the "
-              "same request shape) to get the ratio")
-    if args.engine_capacity_streams and closed.get("max_streams_within_bounds") is not None:
-        sr = closed["max_streams_within_bounds"] / args.engine_capacity_streams
-        cmp.update(engine_capacity_streams=args.engine_capacity_streams, streams_ratio=sr)
-        print(f"  concurrent streams: router {closed['max_streams_within_bounds']:.0f} vs engines "
-              f"{args.engine_capacity_streams:g} -> {sr:.1f}x")
-    report["comparison"] = cmp
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ import sys
 
 import pytest
 
-from pdserve.bench.router_capacity import (InstantStubEngine, analyze_closed_loop, analyze_open_loop,
-                                           limiting_resource, stub_cluster_config)
-from pdserve.bench.stub_engine import (STUB_KV_PULL, STUB_NAME, StubSettings, stream_chunks, stub_messages,
-                                       stub_token_ids)
+from pdserve.bench.capacity_analysis import analyze_closed_loop, analyze_open_loop, limiting_resource
+from pdserve.bench.router_capacity import stub_cluster_config
+from pdserve.bench.stub_engine import (STUB_KV_PULL, STUB_NAME, InstantStubEngine, StubSettings, stream_chunks,
+                                       stub_messages, stub_token_ids)
 from pdserve.decode.relay import carries_token as _carries_token
 from pdserve.decode.resume import StreamTracker
 
