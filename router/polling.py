@@ -26,6 +26,11 @@ class LoadPoller:
         self._preempt_seen: Optional[tuple[float, int]] = None
         self._kv_seen: dict[str, tuple[int, float, int]] = {}  # decode replica -> (bytes, seconds, count)
         self._last_serve_poll = 0.0
+        # serve.status() costs tens of ms of the router's CPU (Ray pickles each deployment's
+        # request-router class) and holds the GIL while it does, which showed in the tail of
+        # TTFT: asked every 5 s where a pool autoscales, every 30 s where the counts are fixed.
+        autoscaled = any(pool.autoscaling for pool in router.cfg.pools().values())
+        self._serve_poll_period_s = 5.0 if autoscaled else 30.0
 
     async def poll_forever(self) -> None:
         while True:
@@ -38,7 +43,7 @@ class LoadPoller:
         self.observe_fleet()
         self.count_kv_transfers()
         self.follow_kv_events()
-        if time.monotonic() - self._last_serve_poll >= 2.0:
+        if time.monotonic() - self._last_serve_poll >= self._serve_poll_period_s:
             self._last_serve_poll = time.monotonic()
             await self.poll_pool_sizes()
 
