@@ -47,6 +47,17 @@ class Ticket:
     capped_from: Optional[int] = None  # the client's max_tokens when the ladder capped it
     degraded_target: Optional[str] = None
     finished: bool = False
+    # sequences the request generates (n choices, per prompt of a list), each up to max_tokens
+    sequences: int = 1
+
+    @property
+    def output_bound(self) -> int:
+        return self.max_tokens * self.sequences
+
+    @property
+    def tokens_bound(self) -> int:
+        """Prompt plus every sequence at max_tokens: what is charged, committed and sized as KV."""
+        return self.prompt_tokens + self.output_bound
 
     @property
     def queue_wait_s(self) -> float:
@@ -101,23 +112,24 @@ class AdmissionController:
         return sum(1 for w in self._waiting if priority_class in (None, w.ticket.priority_class))
 
     # ------------------------------------------------------------------ admission
-    async def admit(self, tenant: Tenant, model: str, prompt_tokens: int, max_tokens: int) -> Ticket:
+    async def admit(self, tenant: Tenant, model: str, prompt_tokens: int, max_tokens: int,
+                    sequences: int = 1) -> Ticket:
         now = self.clock()
         TenantDirectory.authorize_model(tenant, model)
         cls = tenant.priority_class
         charged = 0
         ticket: Optional[Ticket] = None
         if "budgets" in self.rules:
-            self.budgets.charge(tenant, prompt_tokens + max_tokens, now)
-            charged = prompt_tokens + max_tokens
+            self.budgets.charge(tenant, prompt_tokens + max_tokens * sequences, now)
+            charged = prompt_tokens + max_tokens * sequences
         try:
             if "size" in self.rules:
-                check_size(tenant, prompt_tokens, max_tokens)
-            ticket = Ticket(tenant, cls, prompt_tokens, max_tokens, charged, now)
+                check_size(tenant, prompt_tokens, max_tokens * sequences)
+            ticket = Ticket(tenant, cls, prompt_tokens, max_tokens, charged, now, sequences=sequences)
             if "ladder" in self.rules:
                 self._apply_ladder(ticket)
             if "fleet_gate" in self.rules and ticket.degraded_target is None:
-                fleet_gate(self.spec, cls, (prompt_tokens + ticket.max_tokens) * self.kv_bytes_per_token,
+                fleet_gate(self.spec, cls, ticket.tokens_bound * self.kv_bytes_per_token,
                            self._current_fleet())
             await self._acquire(ticket)
             return ticket
@@ -147,14 +159,14 @@ class AdmissionController:
             return False
         if "fleet_gate" not in self.rules or t.degraded_target is not None:
             return True
-        return kv_fits(self.spec, t.priority_class, (t.prompt_tokens + t.max_tokens) * self.kv_bytes_per_token,
+        return kv_fits(self.spec, t.priority_class, t.tokens_bound * self.kv_bytes_per_token,
                        self._current_fleet())
 
     async def _acquire(self, t: Ticket) -> None:
         name, weight, cls = t.tenant.name, t.tenant.weight, t.priority_class
         now = self.clock()
         self.fair.enqueue(name, weight, now)
-        t.estimated_cost = self.fair.estimate(name, weight, t.prompt_tokens, t.max_tokens, now)
+        t.estimated_cost = self.fair.estimate(name, weight, t.prompt_tokens, t.output_bound, now)
         if self._can_start(t):
             self._start(t)
             return
@@ -193,7 +205,7 @@ class AdmissionController:
         t.admitted_at = self.clock()
         self.slots.start(t.priority_class)
         if t.degraded_target is None:
-            self.committed_tokens += t.prompt_tokens + t.max_tokens
+            self.committed_tokens += t.tokens_bound
         self.fair.dispatch(t.tenant.name, t.tenant.weight, t.estimated_cost, t.admitted_at)
 
     def _next_waiter(self, now: float) -> Optional[_Waiter]:
@@ -228,7 +240,7 @@ class AdmissionController:
         now = self.clock()
         self.slots.finish(t.priority_class)
         if t.degraded_target is None:
-            self.committed_tokens = max(0, self.committed_tokens - (t.prompt_tokens + t.max_tokens))
+            self.committed_tokens = max(0, self.committed_tokens - t.tokens_bound)
         actual = t.prompt_tokens + output_tokens
         self.fair.complete(t.tenant.name, t.tenant.weight, t.estimated_cost, actual, output_tokens, now)
         if t.charged_tokens:

@@ -54,7 +54,7 @@ class Admit:
         checked = ctx.checked
         try:
             ticket = await r.admission.admit(ctx.tenant, checked.body.get("model") or r.cfg.model.served_name,
-                                             checked.prompt_tokens, checked.max_tokens)
+                                             checked.prompt_tokens, checked.max_tokens, checked.sequences)
         except Rejection as rej:
             return self.account.rejected(rej, ctx.cls, ctx.endpoint)
         ctx.admitted(ticket)

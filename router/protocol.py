@@ -65,6 +65,8 @@ class CheckedRequest:
     stream: bool
     # The prompt's token ids as the engine will see them (one prompt only), for the prefix index.
     prompt_token_ids: Optional[list[int]] = None
+    # Sequences generated, each up to max_tokens: n choices for each prompt of a list.
+    sequences: int = 1
 
 
 # What vLLM's chat serving passes to the template besides the messages (and a client may not
@@ -144,7 +146,8 @@ class RequestChecker:
             raise ApiError(400, f"prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds this "
                                 f"model's context of {self.max_model_len} tokens", param="max_tokens")
         return CheckedRequest(body=body, prompt_tokens=sum(counts), max_tokens=max_tokens, stream=bool(req.stream),
-                              prompt_token_ids=prompts[0] if len(prompts) == 1 else None)
+                              prompt_token_ids=prompts[0] if len(prompts) == 1 else None,
+                              sequences=len(prompts) * max(1, int(getattr(req, "n", None) or 1)))
 
     def _prompt_ids(self, endpoint: str, body: dict[str, Any]) -> list[list[int]]:
         """The token ids of each prompt: one for chat, one per prompt of a completions list."""

@@ -437,3 +437,24 @@ def test_shipped_tenants_config_has_the_demo_keys():
     got = {k: d.authenticate({"authorization": f"Bearer demo-{k}"}).priority_class
            for k in ("critical", "standard", "sheddable")}
     assert got == {"critical": "critical", "standard": "standard", "sheddable": "sheddable"}
+
+
+def test_several_sequences_are_charged_and_committed_for_each_sequence():
+    """n choices (or a prompt list) generate several sequences of up to max_tokens each:
+    budgets, the committed KV and the tenant's size limit count every one of them."""
+    async def scenario():
+        c = controller(capacity=4)
+        t = tenant("t", tokens_per_min=1000)
+        ticket = await c.admit(t, "m", 100, 200, sequences=4)  # 100 + 4 x 200 = 900 of 1,000
+        assert ticket.charged_tokens == 900 and c.committed_tokens == 900
+        with pytest.raises(Rejection) as e:  # 900 more would pass as one sequence, not as four
+            await c.admit(t, "m", 100, 50, sequences=4)
+        assert e.value.reason == "budget_tokens"
+        c.finish(ticket, 800)
+        assert c.committed_tokens == 0
+        with pytest.raises(Rejection) as e:  # 16 + 2 x 40 > the tenant's 64 tokens per request
+            await c.admit(tenant("s", max_context=64), "m", 16, 40, sequences=2)
+        assert e.value.status == 400
+        await c.admit(tenant("s", max_context=64), "m", 16, 40)
+
+    run(scenario())

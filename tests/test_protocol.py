@@ -116,3 +116,11 @@ def test_the_prompt_is_counted_with_the_template_options_vllm_uses(checker, monk
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     checker.check("chat", {"messages": msgs, "tools": tools, "chat_template_kwargs": {"flavour": 1, "tokenize": True}})
     assert seen["tools"] == tools and seen["flavour"] == 1 and seen["tokenize"] is False
+
+
+def test_sequences_count_choices_and_prompts(checker):
+    """What admission charges for: n choices for each prompt of a completions list."""
+    assert checker.check("chat", _chat("hi", max_tokens=5)).sequences == 1
+    assert checker.check("chat", _chat("hi", max_tokens=5, n=3)).sequences == 3
+    body = {"model": "tiny", "prompt": ["a b", "c d"], "max_tokens": 5, "n": 2}
+    assert checker.check("completions", body).sequences == 4
