@@ -77,8 +77,13 @@ class EngineServer:
     the default, loopback, is for an engine run on its own, without Ray, on one host."""
 
     def __init__(self, cfg: ClusterConfig, role: Role, index: int, *, run_id: Optional[str] = None,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", kv_events: Optional[bool] = None) -> None:
         run_id = run_id or f"{os.getpid()}-{secrets.token_hex(4)}"
+        # KV cache events for the router's prefix index (router/prefix_index.py), when it reads
+        # them. The topic names this engine run, so a subscriber never mixes two runs' events.
+        self.publishes_kv_events = cfg.router.needs_kv_events() if kv_events is None else kv_events
+        self.kv_events_topic = f"pdserve-kv/{run_id}/{secrets.token_hex(4)}"
+        self.kv_events_source: Optional[dict[str, Any]] = None
         self.cfg = cfg
         self.host = host
         self.role = role
@@ -110,6 +115,14 @@ class EngineServer:
 
             kv_config = KVTransferConfig(**kv_transfer_config_for(
                 cfg, self.role, port=self.kv_port, host=self.host, fault_file=self.fault_file))
+        kv_events = None
+        if self.publishes_kv_events:
+            from vllm.config import KVEventsConfig
+
+            # Port 0 on the wildcard: vLLM binds VLLM_HOST_IP (this replica's address) on a free port
+            # and reports the endpoints back (``_read_kv_events_source``).
+            kv_events = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint="tcp://*:0",
+                                       replay_endpoint="tcp://*:0", topic=self.kv_events_topic)
         return AsyncEngineArgs(
             model=model_path,
             tokenizer=model_path,
@@ -128,6 +141,7 @@ class EngineServer:
             num_gpu_blocks_override=cfg.engine.kv_cache_blocks,
             scheduling_policy=cfg.engine.scheduling_policy,
             kv_transfer_config=kv_config,
+            kv_events_config=kv_events,
             disable_log_stats=False,
             **cfg.engine.engine_kwargs,
         )
@@ -159,8 +173,21 @@ class EngineServer:
 
         args = self._engine_args()
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger_factory(self.tracker)])
+        self.kv_events_source = self._read_kv_events_source()
         await self._init_serving(args.model)
         logger.info("%s[%d] engine ready (cores=%s, kv_port=%s)", self.role, self.index, self.cores, self.kv_port)
+
+    def _read_kv_events_source(self) -> Optional[dict[str, Any]]:
+        """Where this engine publishes its KV cache events, as vLLM bound them (None if it does not)."""
+        if not self.publishes_kv_events:
+            return None
+        sources = self.engine.get_kv_event_sources()  # {data-parallel rank: resolved KVEventsConfig}
+        src = sources.get(0) if sources else None
+        if src is None or not src.endpoint or "*" in src.endpoint:
+            logger.warning("%s[%d]: the engine reported no KV event endpoint; the router sees no prefix hits here",
+                           self.role, self.index)
+            return None
+        return {"endpoint": src.endpoint, "replay_endpoint": src.replay_endpoint, "topic": src.topic}
 
     async def _init_serving(self, model_path: str) -> None:
         from starlette.datastructures import State
@@ -239,6 +266,8 @@ class EngineServer:
     def load(self) -> dict[str, Any]:
         report = self.tracker.snapshot().to_dict()
         report.update(role=self.role, index=self.index, cores=self.cores, kv_port=self.kv_port, pid=os.getpid())
+        if self.kv_events_source is not None:
+            report["kv_events"] = self.kv_events_source
         faults = self._faults.current().active()  # one stat() per load poll
         if faults:
             report["faults"] = faults

@@ -43,7 +43,18 @@ engine/server.py, EngineServer:
     ``vllm.entrypoints.serve.engine.protocol.ErrorResponse``: module paths that move between releases
   - ``VLLM_NIXL_SIDE_CHANNEL_PORT`` / ``VLLM_NIXL_SIDE_CHANNEL_HOST`` and ``VLLM_CPU_*`` environment
     variables (engine/server.py's ``_set_env``)
+  - ``vllm.config.KVEventsConfig`` with ``endpoint``/``replay_endpoint`` ``tcp://*:0`` (vLLM binds
+    ``VLLM_HOST_IP`` on a free port) and ``AsyncLLM.get_kv_event_sources()``, which reads back the
+    endpoints the engine core bound (``{data-parallel rank: KVEventsConfig}``)
 engine/stats.py: ``vllm.v1.metrics.loggers.StatLoggerBase``, subclassed for the load report.
+router/kv_event_feed.py and router/prefix_index.py: the KV event wire format of
+``vllm.distributed.kv_events`` (``ZmqEventPublisher``: multipart ``(topic, 8-byte big-endian
+sequence, msgpack KVEventBatch)``; replay: a DEALER sends ``(b"", 8-byte start sequence)`` to the
+ROUTER socket and gets ``(b"", topic, sequence, payload)`` frames until sequence -1), decoded with
+``KVEventBatch``; the fields of ``BlockStored`` (``block_hashes``, ``parent_block_hash``,
+``token_ids``, ``block_size``, ``medium``, ``group_idx``, ``extra_keys``: the cache salt as the
+first block's untagged extra key, from ``vllm.v1.core.kv_cache_utils.to_event_extra_keys``),
+``BlockRemoved`` and ``AllBlocksCleared``.
 engine/child_guard/sitecustomize.py (runs first in every engine child, so it imports nothing of
 pdserve): replaces torch's private ``torch.cpu._is_amx_tile_supported``, which vLLM's CPU
 attention reads (``_get_attn_isa`` in vllm/v1/attention/backends/cpu_attn.py) to choose AMX;
