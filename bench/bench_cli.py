@@ -5,6 +5,11 @@
     pdserve bench --url ... --rates 1,2,4,8 --workload shared-prefix --prefix-len 512
     pdserve bench --url ... --workload tenants --tenant gold:KEY1:3 --tenant free:KEY2:1
     pdserve bench --url ... --max-concurrency 16 --request-rate inf
+    pdserve bench --url ... --workload multi-turn --rates 0.5,1,2 --num-sessions 40 --turns 5 \
+        --system-prompt-len 512 --user-turn-len 64 --answer-len 64 --think-time-s 1
+
+With --workload multi-turn the rates are sessions per second (Poisson arrivals of
+conversations); inside a session each turn waits for the previous answer and a think time.
 """
 from __future__ import annotations
 
@@ -12,12 +17,14 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
 from pdserve.bench.loadgen import ENDPOINTS, LoadSpec, ServerUnreachable, discover_model, run_benchmark, warm_up
 from pdserve.bench.stats import DEFAULT_PERCENTILES, parse_goodput
-from pdserve.bench.workloads import KINDS, Tenant, WorkloadSpec, generate
+from pdserve.bench.workloads import (KINDS, SESSION_KINDS, MultiTurnSpec, Tenant, WorkloadSpec, chat_sessions,
+                                     generate)
 
 
 def _rate(text: str) -> float:
@@ -93,7 +100,7 @@ def _goodput(text: str) -> str:
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     w = p.add_argument_group("workload")
-    w.add_argument("--workload", choices=KINDS, default="chat")
+    w.add_argument("--workload", choices=(*KINDS, *SESSION_KINDS), default="chat")
     w.add_argument("--num-prompts", type=_positive(int), default=100, help="requests per run (per rate)")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--endpoint", choices=list(ENDPOINTS), default="chat")
@@ -112,6 +119,15 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     w.add_argument("--suffix-len", type=_positive(int), default=64)
     w.add_argument("--tenant", type=_tenant, action="append", default=[], metavar="NAME:API_KEY:WEIGHT",
                    help="repeatable; each request picks a tenant by weight and sends its key")
+    m = p.add_argument_group("multi-turn workload (rates are sessions per second)")
+    m.add_argument("--num-sessions", type=_positive(int), default=20, help="sessions per run (per rate)")
+    m.add_argument("--turns", type=_positive(int), default=5, help="user turns per session")
+    m.add_argument("--system-prompt-len", type=_positive(int), default=512,
+                   help="tokens of the system prompt every session shares")
+    m.add_argument("--user-turn-len", type=_positive(int), default=64, help="tokens of each user turn")
+    m.add_argument("--answer-len", type=_positive(int), default=64, help="tokens of each answer (max_tokens)")
+    m.add_argument("--think-time-s", type=_non_negative_float, default=1.0,
+                   help="mean of the exponential pause between an answer and the next turn")
 
 
 def add_load_args(p: argparse.ArgumentParser, sweep_only: bool = False) -> None:
@@ -148,8 +164,19 @@ def workload_from_args(args: argparse.Namespace) -> WorkloadSpec:
         suffix_len=args.suffix_len, tenants=tuple(args.tenant))
 
 
+def multi_turn_from_args(args: argparse.Namespace) -> MultiTurnSpec:
+    return MultiTurnSpec(num_sessions=args.num_sessions, turns=args.turns, system_prompt_len=args.system_prompt_len,
+                         user_turn_len=args.user_turn_len, answer_len=args.answer_len,
+                         think_time_s=args.think_time_s, seed=args.seed)
+
+
 def check_args(args: argparse.Namespace) -> Optional[str]:
     """What is wrong with a combination of arguments, or None."""
+    if args.workload in SESSION_KINDS:
+        if args.endpoint != "chat":
+            return "--workload multi-turn needs --endpoint chat (a conversation is a list of messages)"
+        if args.tenant:
+            return "--workload multi-turn sends no --tenant keys; give --api-key"
     if getattr(args, "request_rate", None) is not None and args.rates is not None:
         return "give --request-rate or --rates, not both"
     if args.input_len_min > args.input_len_max:
@@ -173,30 +200,43 @@ def sweep(base_url: str, args: argparse.Namespace, rates: list[float], model: Op
           slos_ms: Optional[dict[str, float]] = None) -> dict[str, Any]:
     """Run the workload once per rate against ``base_url``; the result file's content.
 
-    Every run replays the same request set (same seed) so rates differ only in load.
+    Every run replays the same request set (same seed) so rates differ only in load; but each
+    rate's multi-turn sessions are new conversations (seed + the rate's index) over the same
+    system prompt, since a conversation replayed would find its whole history cached.
     Raises ServerUnreachable if nothing answers at ``base_url``."""
+    from pdserve.bench.sessions import run_session_benchmark
+
     base_url = base_url.rstrip("/")
     listed = discover_model(base_url, args.api_key)
     model = model or listed
     if model is None:
         raise ServerUnreachable(f"{base_url}/v1/models lists no model; give --model")
-    spec = workload_from_args(args)
-    requests = generate(spec, load_tokenizer(getattr(args, "tokenizer", None), base_url, args.api_key))
+    tokenizer = load_tokenizer(getattr(args, "tokenizer", None), base_url, args.api_key)
+    multi_turn = args.workload in SESSION_KINDS
+    spec = multi_turn_from_args(args) if multi_turn else workload_from_args(args)
+    requests = [] if multi_turn else generate(spec, tokenizer)
     slos = slos_ms if slos_ms is not None else parse_goodput(args.goodput or [])
     warmups = generate(WorkloadSpec(kind="fixed", num_prompts=args.num_warmups, seed=spec.seed + 7919,
                                     input_len=64, output_len=8)) if args.num_warmups else []
     runs = []
-    for rate in rates:
+    for i, rate in enumerate(rates):
         warm_up(base_url, args.endpoint, model, warmups, args.api_key, args.timeout_s)
-        run = run_benchmark(base_url, args.endpoint, model, requests,
-                            LoadSpec(rate, args.burstiness, args.max_concurrency), seed=args.seed,
-                            percentiles=args.percentiles, slos_ms=slos, api_key=args.api_key,
-                            timeout_s=args.timeout_s, progress=not args.disable_tqdm)
+        load = LoadSpec(rate, args.burstiness, args.max_concurrency)
+        if multi_turn:
+            run = run_session_benchmark(base_url, model, chat_sessions(replace(spec, seed=spec.seed + i), tokenizer),
+                                        load, seed=args.seed, percentiles=args.percentiles, slos_ms=slos,
+                                        api_key=args.api_key, timeout_s=args.timeout_s,
+                                        progress=not args.disable_tqdm)
+        else:
+            run = run_benchmark(base_url, args.endpoint, model, requests, load, seed=args.seed,
+                                percentiles=args.percentiles, slos_ms=slos, api_key=args.api_key,
+                                timeout_s=args.timeout_s, progress=not args.disable_tqdm)
         runs.append(run)
         print_run(run, args.percentiles)
+    size = ({"num_sessions": spec.num_sessions, "num_prompts": spec.num_sessions * spec.turns} if multi_turn
+            else {"num_prompts": spec.num_prompts})
     return {"base_url": base_url, "model_id": model, "endpoint": args.endpoint, "workload": spec.describe(),
-            "num_prompts": spec.num_prompts, "seed": spec.seed, "goodput_slos_ms": slos,
-            "percentiles": list(args.percentiles), "runs": runs}
+            **size, "seed": spec.seed, "goodput_slos_ms": slos, "percentiles": list(args.percentiles), "runs": runs}
 
 
 def load_tokenizer(name: Optional[str], base_url: str, api_key: Optional[str]):
@@ -235,7 +275,13 @@ def print_run(r: dict[str, Any], percentiles: list[float]) -> None:
 
     line = "=" * 60
     print(line)
-    print(f"rate {r['request_rate']} req/s  burstiness {r['burstiness']:g}  max concurrency {r['max_concurrency']}")
+    if "session_rate" in r:
+        print(f"sessions {r['session_rate']}/s of {r['turns_per_session']} turns (offered {r['request_rate']} req/s)  "
+              f"burstiness {r['burstiness']:g}  max concurrent sessions {r['max_concurrency']}")
+        print(f"sessions completed {r['sessions_completed']}/{r['num_sessions']}  "
+              f"turns not sent {r['turns_not_sent']}")
+    else:
+        print(f"rate {r['request_rate']} req/s  burstiness {r['burstiness']:g}  max concurrency {r['max_concurrency']}")
     print(f"completed {r['completed']}/{r['num_prompts']} (failed {r['failed']})  duration {r['duration']:.2f} s  "
           f"statuses {r['status_counts']}")
     print(f"throughput {r['request_throughput']:.2f} req/s, {r['output_throughput']:.1f} out tok/s, "
@@ -244,9 +290,17 @@ def print_run(r: dict[str, Any], percentiles: list[float]) -> None:
         print(f"goodput {r['request_goodput']:.2f} req/s ({r['good_requests']} met {r['goodput_slos_ms']})")
     if r["fallback_fraction"] is not None:
         print(f"paths {r['paths']}  fallback fraction {r['fallback_fraction']:.3f}")
+    hit = r.get("prefix_cache_hit_rate")
+    print("prefix cache hit rate " + ("- (the server reported no usage.prompt_tokens_details)" if hit is None else
+                                      f"{hit:.1%} ({r['total_cached_tokens']} prompt tokens cached)"))
     for m in ("ttft", "tpot", "itl", "e2el"):
         ps = "  ".join(f"p{percentile_key(p)} {ms(r[f'p{percentile_key(p)}_{m}_ms'])}" for p in percentiles)
         print(f"{m.upper():>5} ms: mean {ms(r[f'mean_{m}_ms'])}  median {ms(r[f'median_{m}_ms'])}  {ps}")
+    for turn, t in r.get("per_turn", {}).items():
+        hit = "-" if t["prefix_cache_hit_rate"] is None else f"{t['prefix_cache_hit_rate']:.1%}"
+        prompt = "-" if t["mean_prompt_tokens"] is None else f"{t['mean_prompt_tokens']:.0f}"
+        print(f"  turn {turn}: completed {t['completed']}/{t['num_prompts']}  prompt tokens {prompt}  "
+              f"hit rate {hit}  TTFT median {ms(t['median_ttft_ms'])} ms")
     for name, t in r.get("per_tenant", {}).items():
         print(f"  tenant {name}: completed {t['completed']}/{t['num_prompts']} statuses {t['status_counts']} "
               f"TTFT median {ms(t['median_ttft_ms'])} ms")

@@ -117,24 +117,32 @@ def _line_starts(lines: bytes, prefix: bytes) -> int:
 
 
 class SSETally:
-    """What one SSE stream has carried so far, fed complete lines."""
+    """What one SSE stream has carried so far, fed complete lines. With ``keep_text`` every
+    line is parsed and the generated text kept (``text``), for a client that resends it."""
 
     __slots__ = ("chat", "_text", "_no_text", "events", "texts", "done", "completion_tokens", "prompt_tokens",
-                 "error")
+                 "cached_tokens", "error", "keep_text", "pieces")
 
-    def __init__(self, chat: bool = True) -> None:
+    def __init__(self, chat: bool = True, keep_text: bool = False) -> None:
         self.chat = chat  # a chat stream (text in delta.content), else completions (text in text)
+        self.keep_text = keep_text
+        self.pieces: list[str] = []
         self._text, self._no_text = _TEXT[chat]
         self.events = 0  # chunks with choices: token events, as vLLM's bench serve counts them
         self.texts = 0  # of those, the chunks whose content (chat) or text (completions) is not empty
         self.done = False  # data: [DONE] came
         self.completion_tokens: Optional[int] = None  # from a usage chunk
         self.prompt_tokens: Optional[int] = None
+        self.cached_tokens: Optional[int] = None  # usage.prompt_tokens_details.cached_tokens
         self.error: Optional[str] = None  # an error event (e.g. pdserve's resume-exhausted 503)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
     def feed(self, lines: bytes) -> int:
         """Tally ``lines`` (ending at a line end); returns how many token events they carried."""
-        events = self._counted(lines)
+        events = None if self.keep_text else self._counted(lines)
         if events is not None:
             return events
         before = self.events
@@ -142,7 +150,7 @@ class SSETally:
             line = line.strip()
             if self.done or self.error is not None:
                 break
-            if line.startswith(b"data:") and self._counted(line) is None:
+            if line.startswith(b"data:") and (self.keep_text or self._counted(line) is None):
                 self._parse(line[5:].strip())
         return self.events - before
 
@@ -172,24 +180,31 @@ class SSETally:
         if usage:
             self.completion_tokens = usage.get("completion_tokens", self.completion_tokens)
             self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+            self.cached_tokens = cached if isinstance(cached, int) else self.cached_tokens
         choices = chunk.get("choices")
         if choices:
             self.events += 1
             c = choices[0]
-            if (c.get("delta") or {}).get("content") if self.chat else c.get("text"):
+            piece = (c.get("delta") or {}).get("content") if self.chat else c.get("text")
+            if piece:
                 self.texts += 1
+                if self.keep_text:
+                    self.pieces.append(piece)
 
 
 async def send_request(session: aiohttp.ClientSession, url: str, body: bytes, *,
                        headers: Mapping[str, str] = JSON_HEADERS, t_origin: float = 0.0, prompt_len: int = 0,
-                       tenant: Optional[str] = None) -> RequestOutput:
+                       tenant: Optional[str] = None, keep_text: bool = False) -> RequestOutput:
     """POST one streamed chat or completions request (``body``: its JSON) and time it.
 
     As vLLM's bench serve counts: every chunk with choices is a token event (vLLM sends a chat
     stream's role chunk with the first token), so TTFT and ITL agree with it; a token that
     decodes to no text yet (part of a UTF-8 character) still arrived. Events that come in one
     read share its arrival time: the ITLs after the first in a read are 0. The output length is
-    usage.completion_tokens, or without a usage chunk the chunks that carried text. A request
+    usage.completion_tokens, or without a usage chunk the chunks that carried text; the prompt
+    tokens found cached, usage.prompt_tokens_details.cached_tokens. ``keep_text`` parses every
+    chunk and keeps the answer in ``generated_text``. A request
     succeeds when it streamed at least one token event and ended with data: [DONE]. Failures are
     recorded (status, error), never raised. ``start_time`` is seconds since ``t_origin``
     (a time.perf_counter() reading, the same clock in every process on Linux)."""
@@ -197,7 +212,7 @@ async def send_request(session: aiohttp.ClientSession, url: str, body: bytes, *,
     st = time.perf_counter()
     out.start_time = st - t_origin
     last = st
-    tally = SSETally(chat=url.endswith(ENDPOINTS["chat"]))
+    tally = SSETally(chat=url.endswith(ENDPOINTS["chat"]), keep_text=keep_text)
 
     def timed(events: int, now: float) -> None:
         nonlocal last
@@ -237,6 +252,8 @@ async def send_request(session: aiohttp.ClientSession, url: str, body: bytes, *,
                     timed(events, time.perf_counter())
         if tally.prompt_tokens is not None:
             out.prompt_len = tally.prompt_tokens
+        out.cached_tokens = tally.cached_tokens
+        out.generated_text = tally.text
         if tally.error is not None:
             out.error = f"stream error: {tally.error}"[:300]
         elif tally.events == 0:
@@ -342,16 +359,22 @@ def run_benchmark(base_url: str, endpoint: str, model: str, requests: list[Sampl
     desc = f"rate {load.request_rate:g}" + (f" conc {load.max_concurrency}" if load.max_concurrency else "")
     outputs, duration = asyncio.run(run_load(base_url, endpoint, model, requests, load, seed=seed, api_key=api_key,
                                              timeout_s=timeout_s, progress=desc if progress else None))
-    result: dict[str, Any] = {
+    result = result_head(base_url, endpoint, model, load.request_rate, load, seed)
+    result.update(compute_metrics(outputs, duration, percentiles, slos_ms))
+    return result
+
+
+def result_head(base_url: str, endpoint: str, model: str, request_rate: float, load: LoadSpec,
+                seed: int) -> dict[str, Any]:
+    """The fields of a result that say what was run, with vLLM's names."""
+    return {
         "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
         "endpoint_type": BACKENDS[endpoint],
         "backend": BACKENDS[endpoint],
         "model_id": model,
         "base_url": base_url,
-        "request_rate": load.request_rate if math.isfinite(load.request_rate) else "inf",
+        "request_rate": request_rate if math.isfinite(request_rate) else "inf",
         "burstiness": load.burstiness,
         "max_concurrency": load.max_concurrency,
         "seed": seed,
     }
-    result.update(compute_metrics(outputs, duration, percentiles, slos_ms))
-    return result

@@ -35,6 +35,12 @@ class RequestOutput:
     fallback_cause: Optional[str] = None  # x-pdserve-fallback-cause
     tenant: Optional[str] = None
     error: str = ""
+    # usage.prompt_tokens_details.cached_tokens: prompt tokens the engine found in its prefix
+    # cache (None: the server reported none, e.g. vLLM without --enable-prompt-tokens-details)
+    cached_tokens: Optional[int] = None
+    generated_text: str = ""  # kept only when asked for (multi-turn sessions resend it)
+    session: Optional[int] = None  # multi-turn: which session, and which of its turns (0 first)
+    turn: Optional[int] = None
 
     @property
     def tpot(self) -> float:
@@ -122,6 +128,8 @@ def aggregate(outputs: Sequence[RequestOutput], duration: float, percentiles: It
     good = sum(meets_slos(r, slos_ms) for r in ok) if slos_ms else 0
     paths = Counter(r.path for r in ok if r.path)
     with_path = sum(paths.values())
+    reported = [r for r in ok if r.cached_tokens is not None]
+    cached, reported_in = sum(r.cached_tokens for r in reported), sum(r.prompt_len for r in reported)
     out: dict[str, Any] = {
         "num_prompts": len(outputs),
         "completed": len(ok),
@@ -142,6 +150,10 @@ def aggregate(outputs: Sequence[RequestOutput], duration: float, percentiles: It
         # sends no x-pdserve-path (not pdserve).
         "fallback_fraction": paths.get("fallback", 0) / with_path if with_path else None,
         "fallback_causes": dict(sorted(Counter(r.fallback_cause for r in ok if r.fallback_cause).items())),
+        # pdserve: prompt tokens served from the engines' prefix caches, over the completed
+        # requests whose usage said (None when none did)
+        "total_cached_tokens": cached if reported else None,
+        "prefix_cache_hit_rate": cached / reported_in if reported and reported_in else None,
     }
     out.update(metric_stats("ttft", [r.ttft for r in ok], pcts))
     # As vLLM: TPOT statistics leave out single-token outputs; goodput counts them as met.
@@ -171,11 +183,29 @@ def compute_metrics(outputs: Sequence[RequestOutput], duration: float, percentil
         "http_statuses": [r.status for r in outputs],
         "request_paths": [r.path for r in outputs],
         "request_tenants": [r.tenant for r in outputs],
+        "cached_tokens": [r.cached_tokens for r in outputs],
         "error_samples": list(dict.fromkeys(r.error for r in outputs if r.error))[:_MAX_ERROR_SAMPLES],
         "goodput_slos_ms": dict(slos_ms),
     })
+    turns = sorted({r.turn for r in outputs if r.turn is not None})
+    if turns:
+        out["request_sessions"] = [r.session for r in outputs]
+        out["request_turns"] = [r.turn for r in outputs]
+        out["per_turn"] = {str(t): _turn_summary([r for r in outputs if r.turn == t]) for t in turns}
     tenants = sorted({r.tenant for r in outputs if r.tenant is not None})
     if tenants:
         out["per_tenant"] = {t: aggregate([r for r in outputs if r.tenant == t], duration, pcts, slos_ms)
                              for t in tenants}
     return out
+
+
+def _turn_summary(outputs: Sequence[RequestOutput]) -> dict[str, Any]:
+    """One turn number's requests across sessions: how long their prompts had grown, how much
+    of them the caches held, and their TTFT."""
+    ok = [r for r in outputs if r.success]
+    reported = [r for r in ok if r.cached_tokens is not None]
+    prompt = sum(r.prompt_len for r in reported)
+    return {"num_prompts": len(outputs), "completed": len(ok),
+            "mean_prompt_tokens": float(np.mean([r.prompt_len for r in ok])) if ok else None,
+            "prefix_cache_hit_rate": sum(r.cached_tokens for r in reported) / prompt if prompt else None,
+            "median_ttft_ms": float(np.median([r.ttft for r in ok])) * 1000 if ok else None}

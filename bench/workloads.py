@@ -1,4 +1,5 @@
-"""Synthetic, seeded request sets: lognormal chat, fixed lengths, shared prefixes, tenant mixes.
+"""Synthetic, seeded request sets: lognormal chat, fixed lengths, shared prefixes, tenant mixes,
+and multi-turn chat sessions (``chat_sessions``; bench/sessions.py sends them).
 
 Prompts are words drawn from a fixed vocabulary of short, common English words, which BPE
 tokenizers mostly encode as one token each (with the leading space), so N words come to
@@ -12,7 +13,8 @@ from typing import Optional
 
 import numpy as np
 
-KINDS = ("chat", "fixed", "shared-prefix", "tenants")
+KINDS = ("chat", "fixed", "shared-prefix", "tenants")  # request sets (``generate``)
+SESSION_KINDS = ("multi-turn",)  # conversations (``chat_sessions``)
 
 VOCAB: tuple[str, ...] = tuple("""
 the of and to in is it you that he was for on are as with his they at be this have from or one
@@ -154,3 +156,50 @@ def generate(spec: WorkloadSpec, tokenizer=None) -> list[SampleRequest]:
     return [SampleRequest(prompt=p, prompt_len=i, output_len=o, tenant=t.name if t else None,
                           api_key=t.api_key if t else None, prefix_id=pid)
             for p, i, o, t, pid in zip(prompts, ins, outs, tenants, prefix_ids)]
+
+
+# ---------------------------------------------------------------------------------------------
+# multi-turn chat
+
+
+@dataclass(frozen=True)
+class MultiTurnSpec:
+    """Chat sessions that share one system prompt: each sends ``turns`` user turns, a turn only
+    after the previous answer streamed in full and a think time, each with the whole
+    conversation so far (the model's own answers included), so a turn's prompt is mostly the
+    previous turn's. Lengths are in tokens (exact with the server's tokenizer)."""
+
+    num_sessions: int = 20
+    turns: int = 5
+    system_prompt_len: int = 512
+    user_turn_len: int = 64
+    answer_len: int = 64  # max_tokens, with ignore_eos
+    think_time_s: float = 1.0  # mean of the exponential pause between an answer and the next turn
+    seed: int = 0  # the sessions' user turns and think times
+    system_seed: int = 0  # the shared system prompt (kept when ``seed`` moves, as a service keeps its own)
+
+    def describe(self) -> str:
+        return (f"multi-turn: {self.num_sessions} sessions of {self.turns} turns, a shared {self.system_prompt_len}-"
+                f"token system prompt, {self.user_turn_len}-token user turns, {self.answer_len}-token answers, "
+                f"think time exponential with mean {self.think_time_s:g} s; seed {self.seed}")
+
+
+@dataclass(frozen=True)
+class ChatSession:
+    system_prompt: str
+    user_turns: tuple[str, ...]
+    think_times_s: tuple[float, ...]  # the pause after answer i, before turn i + 1
+    answer_len: int
+
+
+def chat_sessions(spec: MultiTurnSpec, tokenizer=None) -> list[ChatSession]:
+    """The sessions of ``spec``: one system prompt for all, seeded user turns and think times."""
+    system = make_text(spec.system_prompt_len, random.Random(f"system-{spec.system_seed}"), tokenizer)
+    rng = random.Random(spec.seed)
+    sessions = []
+    for _ in range(spec.num_sessions):
+        turns = tuple(make_text(spec.user_turn_len, rng, tokenizer) for _ in range(spec.turns))
+        pauses = tuple(rng.expovariate(1.0 / spec.think_time_s) if spec.think_time_s > 0 else 0.0
+                       for _ in range(spec.turns - 1))
+        sessions.append(ChatSession(system, turns, pauses, spec.answer_len))
+    return sessions
