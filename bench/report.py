@@ -1,4 +1,5 @@
-"""The A/B report: goodput knees, summary.md, per-arm JSON and plots, from two arms' sweeps.
+"""The A/B report: goodput knees, summary.md, per-arm JSON and plots, from two arms' sweeps
+(P/D and monolithic by default, or any two arms with their labels and file names).
 
 An arm is the dict ``bench_cli.sweep`` returns (``runs``: one vLLM-named result per rate),
 plus an ``arm`` entry describing where it ran. Nothing here touches a cluster.
@@ -108,36 +109,48 @@ def _fmt(v: Any, spec: str = ".1f") -> str:
 
 
 def _table(arms: list[tuple[str, dict[str, Any]]]) -> list[str]:
-    rows = ["| rate (req/s) | arm | completed/sent | TTFT p50 | TTFT p95 | TPOT p50 | TPOT p95 | req/s | "
-            "out tok/s | goodput (req/s) | SLO met | fallback |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    sessions = any("session_rate" in r for _, arm in arms for r in arm["runs"])
+    rate_head = "sessions/s (offered req/s)" if sessions else "rate (req/s)"
+    rows = [f"| {rate_head} | arm | completed/sent | TTFT p50 | TTFT p95 | TPOT p50 | TPOT p95 | req/s | "
+            "out tok/s | goodput (req/s) | SLO met | fallback | prefix cache hits |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     keyed = sorted(((numeric_rate(r), i, label, r) for i, (label, arm) in enumerate(arms) for r in arm["runs"]),
                    key=lambda t: (t[0], t[1]))
     for rate, _, label, r in keyed:
         ff = r.get("fallback_fraction")
+        shown = f"{r['session_rate']:g} ({rate:g})" if "session_rate" in r else f"{rate:g}"
         rows.append(
-            f"| {rate:g} | {label} | {r['completed']}/{r['num_prompts']} | {_fmt(r.get('p50_ttft_ms'))} | "
+            f"| {shown} | {label} | {r['completed']}/{r['num_prompts']} | {_fmt(r.get('p50_ttft_ms'))} | "
             f"{_fmt(r.get('p95_ttft_ms'))} | {_fmt(r.get('p50_tpot_ms'), '.2f')} | {_fmt(r.get('p95_tpot_ms'), '.2f')} | "
             f"{r['request_throughput']:.2f} | {r['output_throughput']:.1f} | {_fmt(r.get('request_goodput'), '.2f')} | "
-            f"{_fmt(r.get('slo_attainment'), '.0%')} | {'-' if ff is None else format(ff, '.1%')} |")
+            f"{_fmt(r.get('slo_attainment'), '.0%')} | {'-' if ff is None else format(ff, '.1%')} | "
+            f"{_fmt(r.get('prefix_cache_hit_rate'), '.1%')} |")
     return rows
 
 
+PD_VS_MONO = (("P/D", "pd"), ("monolithic", "monolithic"))  # (label, file name) of each arm
+
+
 def write_report(pd: dict[str, Any], mono: dict[str, Any], out_dir: str | Path, *,
-                 hardware: Optional[dict[str, Any]] = None, threshold: float = DEFAULT_KNEE_THRESHOLD) -> Path:
-    """Write summary.md, pd.json, monolithic.json and the PNG plots into ``out_dir``; return summary.md."""
+                 hardware: Optional[dict[str, Any]] = None, threshold: float = DEFAULT_KNEE_THRESHOLD,
+                 arms: tuple[tuple[str, str], tuple[str, str]] = PD_VS_MONO) -> Path:
+    """Write summary.md, each arm's JSON (``arms``: (label, file name) of the first and the
+    second; default P/D in pd.json and monolithic in monolithic.json) and the PNG plots into
+    ``out_dir``; return summary.md."""
     from pdserve.bench.plots import plot_goodput, plot_latency_cdfs, plot_metric_vs_rate
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hw = hardware if hardware is not None else hardware_info()
-    arms = [("P/D", pd), ("monolithic", mono)]
+    (label_a, file_a), (label_b, file_b) = arms
+    files = [f"{file_a}.json", f"{file_b}.json"]
+    arms = [(label_a, pd), (label_b, mono)]
     knees = {label: find_knee(arm["runs"], threshold) for label, arm in arms}
     for label, arm in arms:
         arm["goodput_knee"] = {"rate": knees[label].rate, "top_of_sweep": knees[label].top_of_sweep,
                                "threshold": threshold}
-    (out / "pd.json").write_text(json.dumps(pd, indent=2, allow_nan=False))
-    (out / "monolithic.json").write_text(json.dumps(mono, indent=2, allow_nan=False))
+    for name, (_, arm) in zip(files, arms):
+        (out / name).write_text(json.dumps(arm, indent=2, allow_nan=False))
 
     series = [(label, arm["runs"]) for label, arm in arms]
     plot_latency_cdfs(series, out / "latency_cdf.png")
@@ -145,10 +158,12 @@ def write_report(pd: dict[str, Any], mono: dict[str, Any], out_dir: str | Path, 
     plot_metric_vs_rate(series, "ttft", out / "ttft_vs_rate.png")
     plot_metric_vs_rate(series, "tpot", out / "tpot_vs_rate.png")
 
-    verdict = _verdict(("P/D", knees["P/D"]), ("monolithic", knees["monolithic"]))
+    verdict = _verdict((label_a, knees[label_a]), (label_b, knees[label_b]))
     gpus = ", ".join(hw.get("gpus") or []) or "none"
+    title = ("disaggregated prefill/decode vs monolithic" if (label_a, label_b) == ("P/D", "monolithic")
+             else f"{label_a} vs {label_b}")
     lines = [
-        "# pdserve A/B: disaggregated prefill/decode vs monolithic",
+        f"# pdserve A/B: {title}",
         "",
         f"Generated {datetime.now().isoformat(timespec='seconds')}.",
         "",
@@ -184,7 +199,8 @@ def write_report(pd: dict[str, Any], mono: dict[str, Any], out_dir: str | Path, 
         "## Results",
         "",
         "Latencies in ms. *SLO met*: share of sent requests that met every SLO. *fallback*: share of "
-        "completed requests the router served by fallback (x-pdserve-path).",
+        "completed requests the router served by fallback (x-pdserve-path). *prefix cache hits*: prompt "
+        "tokens the engines found cached, over all prompt tokens (usage.prompt_tokens_details).",
         "",
         *_table(arms),
         "",
@@ -212,7 +228,7 @@ def write_report(pd: dict[str, Any], mono: dict[str, Any], out_dir: str | Path, 
         "",
         "![latency CDFs](latency_cdf.png)",
         "",
-        "Raw results (vLLM `bench serve` field names, one entry of `runs` per rate): `pd.json`, `monolithic.json`.",
+        f"Raw results (vLLM `bench serve` field names, one entry of `runs` per rate): `{files[0]}`, `{files[1]}`.",
         "",
     ]
     summary = out / "summary.md"
@@ -230,6 +246,11 @@ def _load_line(arm: dict[str, Any]) -> str:
     runs = arm.get("runs") or [{}]
     r = runs[0]
     rates = ", ".join(str(x.get("request_rate")) for x in runs)
+    if "session_rate" in r:
+        sessions = ", ".join(str(x.get("session_rate")) for x in runs)
+        return (f"session rates {sessions} sessions/s (offered {rates} req/s), burstiness {r.get('burstiness', 1.0)} "
+                f"({'Poisson' if r.get('burstiness') == 1.0 else 'gamma'} session arrivals), "
+                f"max concurrent sessions {r.get('max_concurrency')}")
     return (f"rates {rates} req/s, burstiness {r.get('burstiness', 1.0)} "
             f"({'Poisson' if r.get('burstiness') == 1.0 else 'gamma arrivals'}), "
             f"max concurrency {r.get('max_concurrency')}")

@@ -1,0 +1,134 @@
+"""Benchmark arms: a shipped config with overrides, by name, for the cache sweep and ``pdserve ab``.
+
+The four arms of the cache-aware routing comparison, all on the same two cores:
+
+    mono-least-loaded   configs/cpu-monolithic.yaml as shipped (two full engines; least loaded)
+    mono-cache-aware    the same, the monolithic pool picking by the prefix scorer against load
+    pd-always           configs/cpu-pd.yaml, every request P/D, least-loaded pools
+    pd-adaptive         configs/cpu-pd.yaml, router.disaggregation adaptive, prefix scorer in both pools
+
+Every engine runs vLLM's prefix cache in all four (pdserve's default, ``enable_prefix_caching``);
+what differs is whether the router routes by it. The prefix scorer's weight is 2, the example
+docs/configuration.md gives: a replica holding the whole prompt is worth two queued requests.
+
+An arm may also be any config file, and overrides (``KEY=VALUE``, dotted keys, YAML values,
+e.g. ``router.disaggregation=adaptive``) apply on top of either; the result is validated as a
+config is at startup.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from pdserve.settings.cluster import ClusterConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PREFIX_WEIGHT = 2.0
+
+_PREFIX = {"name": "prefix", "weight": PREFIX_WEIGHT}
+_CACHE_AWARE_FULL = {"filters": ["healthy", "kv_headroom"], "scorers": [_PREFIX, "queue", "kv_usage"]}
+_CACHE_AWARE_PREFILL = {"filters": ["healthy"], "scorers": [_PREFIX, "queue"]}
+
+
+@dataclass(frozen=True)
+class ArmDef:
+    name: str
+    label: str
+    config: str  # a file under configs/
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+ARMS: dict[str, ArmDef] = {a.name: a for a in (
+    ArmDef("mono-least-loaded", "monolithic least-loaded", "cpu-monolithic.yaml"),
+    ArmDef("mono-cache-aware", "monolithic cache-aware", "cpu-monolithic.yaml",
+           {"engine": {"enable_prefix_caching": True}, "router": {"selection": {"monolithic": _CACHE_AWARE_FULL}}}),
+    ArmDef("pd-always", "P/D always, least-loaded", "cpu-pd.yaml", {"router": {"disaggregation": "always"}}),
+    ArmDef("pd-adaptive", "P/D adaptive + cache-aware", "cpu-pd.yaml",
+           {"engine": {"enable_prefix_caching": True},
+            "router": {"disaggregation": "adaptive",
+                       "selection": {"prefill": _CACHE_AWARE_PREFILL, "decode": _CACHE_AWARE_FULL}}}),
+)}
+
+
+class ArmError(ValueError):
+    pass
+
+
+@dataclass
+class Arm:
+    name: str
+    label: str
+    config_path: str
+    overrides: dict[str, Any]
+    cfg: ClusterConfig
+    text: str  # the config that runs, as YAML
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` laid on top: mappings merge key by key, anything else is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"router.disaggregation=adaptive"`` -> ``{"router": {"disaggregation": "adaptive"}}``
+    (the value read as YAML, so numbers, lists and mappings work)."""
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise ArmError(f"override {text!r} is not KEY=VALUE with a dotted KEY, e.g. router.disaggregation=adaptive")
+    try:
+        value: Any = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ArmError(f"override {text!r}: the value is not YAML ({e})") from None
+    for part in reversed(parts):
+        value = {part: value}
+    return value
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it."""
+    try:
+        return str(path.resolve().relative_to(CONFIGS.parent))
+    except ValueError:
+        return str(path)
+
+
+def resolve(spec: str, overrides: Optional[list[str]] = None, name: Optional[str] = None) -> Arm:
+    """An arm by name (``ARMS``) or config path, with ``overrides`` on top; ArmError when the name
+    is unknown, the file is missing, or the config does not validate."""
+    base = ARMS.get(spec)
+    if base is not None:
+        path, label, data_over = CONFIGS / base.config, base.label, base.overrides
+    elif spec.endswith((".yaml", ".yml")) or "/" in spec:
+        path, label, data_over = Path(spec), Path(spec).stem, {}
+        if not path.is_file():
+            raise ArmError(f"arm {spec!r}: config file not found")
+    else:
+        raise ArmError(f"unknown arm {spec!r}: give one of {', '.join(ARMS)}, or a config file path")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ArmError(f"arm {spec!r}: {path} is not a mapping")
+    layered: dict[str, Any] = copy.deepcopy(data_over)
+    for text in overrides or []:
+        layered = merge(layered, parse_override(text))
+    merged = merge(data, layered)
+    try:
+        cfg = ClusterConfig.model_validate(merged)
+    except Exception as e:  # noqa: BLE001  (a pydantic error, shown as is)
+        raise ArmError(f"arm {spec!r} does not make a valid config: {e}") from None
+    if overrides:
+        label += " (" + ", ".join(overrides) + ")"
+    head = f"# {shown(path)}" + (" with overrides:\n# " + yaml.safe_dump(layered, sort_keys=False, default_flow_style=True)
+                          .strip() if layered else "") + "\n"
+    return Arm(name or (spec if base else path.stem), label, shown(path), layered, cfg,
+               head + yaml.safe_dump(merged, sort_keys=False))
