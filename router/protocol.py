@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from pdserve.engine.errors import error_body, validation_message
+from pdserve.engine.errors import error_body, validation_message, vllm_error
 
 
 class ApiError(Exception):
@@ -23,6 +23,13 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.status, self.message, self.type, self.param)
+
+    @classmethod
+    def of(cls, answer: tuple[int, dict[str, Any]]) -> "ApiError":
+        """From a (status, error body) pair (engine/errors.py's vllm_* functions)."""
+        status, body = answer
+        err = body["error"]
+        return cls(status, err["message"], err["type"], err["param"])
 
 
 def parse_json_body(raw: bytes, max_bytes: int) -> dict[str, Any]:
@@ -127,6 +134,8 @@ class RequestChecker:
             req = self._models[endpoint].model_validate(body)
         except ValidationError as e:
             raise ApiError(400, validation_message(e))
+        except Exception as e:  # noqa: BLE001 - vLLM's validators raise their own errors (VLLMValidationError)
+            raise ApiError.of(vllm_error(e))
         max_tokens = req.max_completion_tokens if endpoint == "chat" and req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is not None and max_tokens < 1:
             raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
