@@ -46,6 +46,13 @@ engine/server.py, EngineServer:
   - ``vllm.config.KVEventsConfig`` with ``endpoint``/``replay_endpoint`` ``tcp://*:0`` (vLLM binds
     ``VLLM_HOST_IP`` on a free port) and ``AsyncLLM.get_kv_event_sources()``, which reads back the
     endpoints the engine core bound (``{data-parallel rank: KVEventsConfig}``)
+engine/errors.py (refusals worded as vLLM's server words them, used by the engines and the router):
+  - ``vllm.entrypoints.serve.exception_handling.error_response.create_error_response``
+  - ``vllm.entrypoints.serve.exception_handling.handlers.validation``: ``_format_error``,
+    ``clean_loc_for_param``, ``_MAX_REPORTED_ERRORS`` (how its FastAPI validation handler words
+    a body that fails the request model), and ``...exception_handling.utils.sanitize_message``
+router/protocol.py, RequestChecker: the request models' ``to_sampling_params(max_tokens, {})``:
+  vLLM's own sampling checks, run before any engine work
 engine/stats.py: ``vllm.v1.metrics.loggers.StatLoggerBase``, subclassed for the load report.
 router/kv_event_feed.py and router/prefix_index.py: the KV event wire format of
 ``vllm.distributed.kv_events`` (``ZmqEventPublisher``: multipart ``(topic, 8-byte big-endian

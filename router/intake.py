@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from pdserve.admission.rejection import Rejection
 from pdserve.router.context import RequestCtx
-from pdserve.router.protocol import ApiError, CheckedRequest, parse_json_body, serves_whole
+from pdserve.router.protocol import ApiError, CheckedRequest, check_media_type, parse_json_body, serves_whole
 
 if TYPE_CHECKING:
     from pdserve.router.core import Router
@@ -39,6 +39,7 @@ class Intake:
         try:
             ctx.tenant = self.tenants.authenticate(request.headers)
             ctx.cls = ctx.tenant.priority_class
+            check_media_type(request.headers.get("content-type"))
             raw = await request.body()
             # JSON parsing and prompt tokenizing take milliseconds on long prompts: off the event loop.
             checked = await asyncio.to_thread(self._check, ctx.endpoint, raw)

@@ -1,7 +1,11 @@
-"""Request checks the router makes before any engine work, with OpenAI-style errors.
+"""Request checks the router makes before any engine work, worded as vLLM's own server words them.
 
-vLLM's engines validate again (their messages reach the client unchanged); checking
-here first means a bad request never reserves prefill KV blocks it would strand.
+The body is checked by vLLM's own code: its request models (pydantic, and the validators they
+carry) and its sampling parameters (``to_sampling_params``); each refusal is worded as vLLM's
+server words it (engine/errors.py). A P/D prefill leg runs with ``max_tokens=1`` and without
+the client's min_tokens or logprobs (prefill/leg.py), so its engine cannot refuse what only
+those make invalid: checking here means such a request never reserves prefill KV blocks it
+would strand.
 """
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from pdserve.engine.errors import error_body, validation_message, vllm_error
+from pdserve.engine.errors import error_body, vllm_error, vllm_json_error, vllm_model_error, vllm_validation_error
 
 
 class ApiError(Exception):
@@ -32,16 +36,28 @@ class ApiError(Exception):
         return cls(status, err["message"], err["type"], err["param"])
 
 
-def parse_json_body(raw: bytes, max_bytes: int) -> dict[str, Any]:
+JSON_MEDIA_TYPE = "application/json"
+
+
+def check_media_type(content_type: Optional[str]) -> None:
+    """vLLM's server takes JSON bodies only (its validate_json_request)."""
+    if (content_type or "").lower().split(";", 1)[0].strip() != JSON_MEDIA_TYPE:
+        raise ApiError.of(vllm_validation_error(["Unsupported Media Type: Only 'application/json' is allowed"]))
+
+
+def parse_json_body(raw: bytes, max_bytes: int) -> Any:
+    """The body's JSON value (not necessarily an object: vLLM's request model refuses the rest)."""
     if len(raw) > max_bytes:
         raise ApiError(413, f"request body is {len(raw)} bytes; the limit is {max_bytes}", "RequestTooLargeError")
+    if not raw:
+        raise ApiError.of(vllm_validation_error([{"type": "missing", "loc": ("body",), "msg": "Field required",
+                                                  "input": None}]))
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"request body is not valid JSON: {e}")
-    if not isinstance(body, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    return body
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ApiError.of(vllm_json_error(e))
+    except ValueError:  # not UTF-8: FastAPI's own 400, as vLLM's server words an HTTPException
+        raise ApiError(400, "There was an error parsing the body", "Bad Request")
 
 
 def prompt_count(prompt: Any) -> int:
@@ -98,7 +114,8 @@ def _template_options(body: dict[str, Any]) -> dict[str, Any]:
 
 
 class RequestChecker:
-    """Validates bodies against vLLM's own request models, the model name and the context."""
+    """Validates bodies with vLLM's own request models and sampling parameters, checks the model
+    name and the context, and counts the prompt."""
 
     def __init__(self, served_name: str, model_path: str, max_model_len: int,
                  chat_template: Optional[str] = None) -> None:
@@ -117,46 +134,46 @@ class RequestChecker:
             path = Path(chat_template)
             self._template["chat_template"] = path.read_text() if path.is_file() else chat_template
 
-    def check(self, endpoint: str, body: dict[str, Any]) -> CheckedRequest:
-        from pydantic import ValidationError
-
+    def check(self, endpoint: str, body: Any) -> CheckedRequest:
+        req = self._validate(endpoint, body)
         model = body.get("model", self.served_name)
         if model is not None and model != self.served_name:
             raise ApiError(404, f"The model `{model}` does not exist. Valid aliases: {self.served_name}.",
                            "NotFoundError", "model")
-        if endpoint == "chat":
-            msgs = body.get("messages")
-            if not isinstance(msgs, list) or not msgs:
-                raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-        elif "prompt" not in body:
-            raise ApiError(400, "'prompt' is required", param="prompt")
-        try:
-            req = self._models[endpoint].model_validate(body)
-        except ValidationError as e:
-            raise ApiError(400, validation_message(e))
-        except Exception as e:  # noqa: BLE001 - vLLM's validators raise their own errors (VLLMValidationError)
-            raise ApiError.of(vllm_error(e))
-        max_tokens = req.max_completion_tokens if endpoint == "chat" and req.max_completion_tokens is not None else req.max_tokens
-        if max_tokens is not None and max_tokens < 1:
-            raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
-        min_tokens = getattr(req, "min_tokens", 0) or 0
-        if max_tokens is not None and min_tokens > max_tokens:  # vLLM's SamplingParams check, before any KV
-            raise ApiError(400, f"min_tokens must be less than or equal to max_tokens={max_tokens}, got {min_tokens}.",
-                           param="min_tokens")
         prompts = self._prompt_ids(endpoint, body)
         counts = [len(ids) for ids in prompts]
         longest = max(counts)  # each prompt of a list must fit the context on its own
         if longest >= self.max_model_len:
             raise ApiError(400, f"the prompt has {longest} tokens; this model's context is {self.max_model_len}",
                            param="messages" if endpoint == "chat" else "prompt")
-        if max_tokens is None:
-            max_tokens = self.max_model_len - longest
-        elif longest + max_tokens > self.max_model_len:
+        asked = req.max_completion_tokens if endpoint == "chat" and req.max_completion_tokens is not None \
+            else req.max_tokens
+        max_tokens = self._sampling_checked(req, self.max_model_len - longest if asked is None else asked)
+        if longest + max_tokens > self.max_model_len:
             raise ApiError(400, f"prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds this "
                                 f"model's context of {self.max_model_len} tokens", param="max_tokens")
         return CheckedRequest(body=body, prompt_tokens=sum(counts), max_tokens=max_tokens, stream=bool(req.stream),
                               prompt_token_ids=prompts[0] if len(prompts) == 1 else None,
                               sequences=len(prompts) * max(1, int(getattr(req, "n", None) or 1)))
+
+    def _validate(self, endpoint: str, body: Any):
+        """vLLM's request model, as vLLM's server (FastAPI) validates a body against it."""
+        from pydantic import ValidationError
+
+        try:
+            return self._models[endpoint].model_validate(body, from_attributes=True)
+        except ValidationError as e:
+            raise ApiError.of(vllm_model_error(e))
+        except Exception as e:  # noqa: BLE001 - vLLM's validators raise their own errors (VLLMValidationError)
+            raise ApiError.of(vllm_error(e))
+
+    def _sampling_checked(self, req, max_tokens: int) -> int:
+        """Checked with vLLM's own SamplingParams, which refuses e.g. max_tokens < 1 or min_tokens above it."""
+        try:
+            req.to_sampling_params(max_tokens, {})
+        except Exception as e:  # noqa: BLE001 - vLLM's refusal, in vLLM's words
+            raise ApiError.of(vllm_error(e))
+        return max_tokens
 
     def _prompt_ids(self, endpoint: str, body: dict[str, Any]) -> list[list[int]]:
         """The token ids of each prompt: one for chat, one per prompt of a completions list."""
@@ -187,4 +204,3 @@ class RequestChecker:
         if self._fast is not None:
             return self._fast.encode(text, add_special_tokens=False).ids
         return list(self.tokenizer.encode(text, add_special_tokens=False))
-

@@ -273,6 +273,8 @@ class FakeChecker:
     def check(self, endpoint: str, body: dict):
         from pdserve.router.protocol import ApiError, CheckedRequest
 
+        if not isinstance(body, dict):  # the real checker refuses it with vLLM's request model
+            raise ApiError(400, "the body is not a JSON object", "Bad Request", "body")
         model = body.get("model", self.served_name)
         if model != self.served_name:
             raise ApiError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
@@ -284,10 +286,11 @@ class FakeChecker:
 
 
 class FakeRequest:
-    """What the pipeline reads of an HTTP request: headers and the raw body."""
+    """What the pipeline reads of an HTTP request: headers (a JSON content type unless given)
+    and the raw body."""
 
     def __init__(self, body: Any = None, headers: Optional[dict] = None, raw: Optional[bytes] = None) -> None:
-        self.headers = headers or {}
+        self.headers = {"content-type": "application/json", **(headers or {})}
         self._raw = raw if raw is not None else json.dumps(body).encode()
 
     async def body(self) -> bytes:

@@ -54,6 +54,70 @@ def test_rejections(checker, body, status):
     assert e.value.body()["error"]["code"] == status
 
 
+# vLLM's own server's answers (vllm 0.32.0, recorded by bench/fidelity.py) to bodies the router refuses.
+VLLM_REFUSALS = [
+    (_chat("x", max_tokens=0), "BadRequestError", "max_tokens",
+     "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)"),
+    (_chat("x", max_completion_tokens=0), "BadRequestError", "max_tokens",
+     "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)"),
+    (_chat("x", max_tokens=2, min_tokens=5), "BadRequestError", None,
+     "min_tokens must be less than or equal to max_tokens=2, got 5."),
+    (_chat("x", temperature=-1), "BadRequestError", "temperature",
+     "temperature must be non-negative, got -1.0. (parameter=temperature, value=-1.0)"),
+    (_chat("x", n=3, temperature=0), "BadRequestError", None, "n must be 1 when using greedy sampling, got 3."),
+    (_chat("x", presence_penalty=3.0), "BadRequestError", None, "presence_penalty must be in [-2, 2], got 3.0."),
+    ({"model": "tiny", "max_tokens": 4}, "Bad Request", "body.messages",
+     "1 validation error:\n  {'type': 'missing', 'loc': 'body.messages', 'msg': 'Field required', "
+     "'input': '<dict of 2 items>'}"),
+    ({"model": "tiny", "messages": "hello"}, "Bad Request", "body.messages",
+     "1 validation error:\n  {'type': 'list_type', 'loc': 'body.messages', 'msg': 'Input should be a valid list', "
+     "'input': 'hello'}"),
+    (_chat("x", max_tokens="many"), "Bad Request", "body.max_tokens",
+     "1 validation error:\n  {'type': 'int_parsing', 'loc': 'body.max_tokens', 'msg': 'Input should be a valid "
+     "integer, unable to parse string as an integer', 'input': 'many'}"),
+    ([1, 2, 3], "Bad Request", "body",
+     "1 validation error:\n  {'type': 'model_attributes_type', 'loc': 'body', 'msg': 'Input should be a valid "
+     "dictionary or object to extract fields from', 'input': '<list of 3 items>'}"),
+]
+
+
+@pytest.mark.parametrize("body,type_,param,message", VLLM_REFUSALS, ids=[m[:40] for *_, m in VLLM_REFUSALS])
+def test_refusals_are_worded_as_vllms_server_words_them(checker, body, type_, param, message):
+    """Each was a 400 in the router's words, with another type or param."""
+    with pytest.raises(ApiError) as e:
+        checker.check("chat", body)
+    assert (e.value.status, e.value.type, e.value.param, e.value.message) == (400, type_, param, message)
+
+
+def test_completions_refusals_are_worded_as_vllms_server_words_them(checker):
+    with pytest.raises(ApiError) as e:
+        checker.check("completions", {"model": "tiny", "max_tokens": 4})
+    assert (e.value.status, e.value.param) == (400, "prompt")
+    assert e.value.message == "Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)"
+
+
+def test_unknown_models_get_vllms_404(checker):
+    with pytest.raises(ApiError) as e:
+        checker.check("chat", {"model": "other", "messages": [{"role": "user", "content": "x"}]})
+    assert e.value.body() == {"error": {"message": "The model `other` does not exist. Valid aliases: tiny.",
+                                        "type": "NotFoundError", "param": "model", "code": 404}}
+
+
+def test_bodies_that_are_not_json_get_fastapis_words_as_vllm_sends_them():
+    from pdserve.router.protocol import check_media_type
+
+    with pytest.raises(ApiError) as e:
+        parse_json_body(b'{"model": "tiny", "messages": [', max_bytes=1024)
+    assert (e.value.type, e.value.param) == ("Bad Request", "body.31")
+    assert e.value.message == ("1 validation error:\n  {'type': 'json_invalid', 'loc': 'body.31', 'msg': 'JSON "
+                               "decode error', 'input': '<dict of 0 items>', 'ctx': {'error': 'Expecting value'}}")
+    with pytest.raises(ApiError) as e:
+        check_media_type("text/plain")
+    assert (e.value.status, e.value.type, e.value.param) == (400, "Bad Request", None)
+    assert e.value.message == "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed"
+    check_media_type("application/json; charset=utf-8")
+
+
 @pytest.mark.parametrize("endpoint,body,param,message", [
     ("chat", _chat("x", stream=True, prompt_logprobs=1), "prompt_logprobs",
      "`prompt_logprobs` are not available when `stream=True`. (parameter=prompt_logprobs)"),
