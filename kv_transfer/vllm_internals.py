@@ -51,8 +51,10 @@ engine/errors.py (refusals worded as vLLM's server words them, used by the engin
   - ``vllm.entrypoints.serve.exception_handling.handlers.validation``: ``_format_error``,
     ``clean_loc_for_param``, ``_MAX_REPORTED_ERRORS`` (how its FastAPI validation handler words
     a body that fails the request model), and ``...exception_handling.utils.sanitize_message``
-router/protocol.py, RequestChecker: the request models' ``to_sampling_params(max_tokens, {})``:
-  vLLM's own sampling checks, run before any engine work
+router/protocol.py, RequestChecker: the request models' ``build_tok_params(model_config)`` (given
+  an object with ``max_model_len`` only) and ``to_sampling_params(max_tokens, {})``, and
+  ``vllm.entrypoints.serve.utils.api_utils.get_max_tokens``: vLLM's own output limit and
+  sampling checks, run before any engine work
 engine/stats.py: ``vllm.v1.metrics.loggers.StatLoggerBase``, subclassed for the load report.
 router/kv_event_feed.py and router/prefix_index.py: the KV event wire format of
 ``vllm.distributed.kv_events`` (``ZmqEventPublisher``: multipart ``(topic, 8-byte big-endian

@@ -1,17 +1,25 @@
 """Request checks the router makes before any engine work, worded as vLLM's own server words them.
 
 The body is checked by vLLM's own code: its request models (pydantic, and the validators they
-carry) and its sampling parameters (``to_sampling_params``); each refusal is worded as vLLM's
-server words it (engine/errors.py). A P/D prefill leg runs with ``max_tokens=1`` and without
-the client's min_tokens or logprobs (prefill/leg.py), so its engine cannot refuse what only
-those make invalid: checking here means such a request never reserves prefill KV blocks it
-would strand.
+carry), its output limits (the request's ``build_tok_params``: max_tokens against the context)
+and its sampling parameters (``to_sampling_params``, with max_tokens capped to what the context
+leaves, as vLLM caps it); each refusal is worded as vLLM's server words it (engine/errors.py). A
+P/D prefill leg runs with ``max_tokens=1`` and without the client's min_tokens or logprobs
+(prefill/leg.py), so its engine cannot refuse what only those make invalid: checking here
+means such a request never reserves prefill KV blocks it would strand.
+
+The prompt itself is left to the engine: its length (vLLM truncates with
+``truncate_prompt_tokens``, counts characters before tokens, words each case its own way) and
+its chat template (an unknown role, an empty conversation) are refused by the engine's own
+serving layer, which a P/D request meets in its prefill leg, before any KV is held. The router
+counts the prompt for admission and routing only.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional
 
 from pdserve.engine.errors import error_body, vllm_error, vllm_json_error, vllm_model_error, vllm_validation_error
@@ -114,8 +122,8 @@ def _template_options(body: dict[str, Any]) -> dict[str, Any]:
 
 
 class RequestChecker:
-    """Validates bodies with vLLM's own request models and sampling parameters, checks the model
-    name and the context, and counts the prompt."""
+    """Validates bodies with vLLM's own request models, output limits and sampling parameters,
+    checks the model name, and counts the prompt (router/protocol.py's docstring)."""
 
     def __init__(self, served_name: str, model_path: str, max_model_len: int,
                  chat_template: Optional[str] = None) -> None:
@@ -128,6 +136,8 @@ class RequestChecker:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self._fast = getattr(self.tokenizer, "backend_tokenizer", None)
         self._models = {"chat": ChatCompletionRequest, "completions": CompletionRequest}
+        # What build_tok_params reads of vLLM's ModelConfig.
+        self._limits = SimpleNamespace(max_model_len=max_model_len)
         # The engines' template when the config sets one (a file, or the template itself, as vLLM takes it).
         self._template: dict[str, str] = {}
         if chat_template:
@@ -135,26 +145,31 @@ class RequestChecker:
             self._template["chat_template"] = path.read_text() if path.is_file() else chat_template
 
     def check(self, endpoint: str, body: Any) -> CheckedRequest:
+        """In vLLM's server's order: the request model, the model name, the output limit, the
+        prompt (left to the engine when it does not fit or does not render), the sampling."""
         req = self._validate(endpoint, body)
         model = body.get("model", self.served_name)
         if model is not None and model != self.served_name:
             raise ApiError(404, f"The model `{model}` does not exist. Valid aliases: {self.served_name}.",
                            "NotFoundError", "model")
+        try:
+            tok_params = req.build_tok_params(self._limits)
+        except Exception as e:  # noqa: BLE001 - vLLM's refusal, in vLLM's words
+            raise ApiError.of(vllm_error(e))
         prompts = self._prompt_ids(endpoint, body)
-        counts = [len(ids) for ids in prompts]
-        longest = max(counts)  # each prompt of a list must fit the context on its own
-        if longest >= self.max_model_len:
-            raise ApiError(400, f"the prompt has {longest} tokens; this model's context is {self.max_model_len}",
-                           param="messages" if endpoint == "chat" else "prompt")
+        limit = self._prompt_limit(req)
+        counts = [min(len(ids), limit) for ids in prompts] if prompts is not None else [0]
+        longest = max(counts)
         asked = req.max_completion_tokens if endpoint == "chat" and req.max_completion_tokens is not None \
             else req.max_tokens
-        max_tokens = self._sampling_checked(req, self.max_model_len - longest if asked is None else asked)
-        if longest + max_tokens > self.max_model_len:
-            raise ApiError(400, f"prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds this "
-                                f"model's context of {self.max_model_len} tokens", param="max_tokens")
+        fits = prompts is not None and all(len(ids) <= limit for ids in prompts)
+        if fits:
+            max_tokens = self._sampling_checked(req, asked, longest)
+        else:  # the engine refuses the prompt before it reads any sampling parameter
+            max_tokens = max(1, min(asked or self.max_model_len, self.max_model_len - longest))
         return CheckedRequest(body=body, prompt_tokens=sum(counts), max_tokens=max_tokens, stream=bool(req.stream),
-                              prompt_token_ids=prompts[0] if len(prompts) == 1 else None,
-                              sequences=len(prompts) * max(1, int(getattr(req, "n", None) or 1)))
+                              prompt_token_ids=prompts[0] if prompts is not None and len(prompts) == 1 else None,
+                              sequences=len(counts) * max(1, int(getattr(req, "n", None) or 1)))
 
     def _validate(self, endpoint: str, body: Any):
         """vLLM's request model, as vLLM's server (FastAPI) validates a body against it."""
@@ -167,38 +182,51 @@ class RequestChecker:
         except Exception as e:  # noqa: BLE001 - vLLM's validators raise their own errors (VLLMValidationError)
             raise ApiError.of(vllm_error(e))
 
-    def _sampling_checked(self, req, max_tokens: int) -> int:
-        """Checked with vLLM's own SamplingParams, which refuses e.g. max_tokens < 1 or min_tokens above it."""
+    def _prompt_limit(self, req) -> int:
+        """The prompt length vLLM keeps: truncate_prompt_tokens (-1: the context less one), else the context."""
+        truncate = getattr(req, "truncate_prompt_tokens", None)
+        if truncate is None:
+            return self.max_model_len
+        return self.max_model_len - 1 if truncate < 0 else min(truncate, self.max_model_len)
+
+    def _sampling_checked(self, req, asked: Optional[int], longest: int) -> int:
+        """max_tokens as vLLM caps it (get_max_tokens: at most what the context leaves), checked
+        with vLLM's own SamplingParams, which refuses e.g. max_tokens < 1 or min_tokens above it."""
+        from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
+
         try:
+            max_tokens = get_max_tokens(self.max_model_len, asked, longest, {})
             req.to_sampling_params(max_tokens, {})
         except Exception as e:  # noqa: BLE001 - vLLM's refusal, in vLLM's words
             raise ApiError.of(vllm_error(e))
-        return max_tokens
+        return max(1, max_tokens)
 
-    def _prompt_ids(self, endpoint: str, body: dict[str, Any]) -> list[list[int]]:
-        """The token ids of each prompt: one for chat, one per prompt of a completions list."""
+    def _prompt_ids(self, endpoint: str, body: dict[str, Any]) -> Optional[list[list[int]]]:
+        """The token ids of each prompt (one for chat, one per prompt of a completions list), or
+        None where only the engine can tell (a chat whose template does not render: the engine
+        refuses it in its words; prompt embeddings)."""
         if endpoint == "chat":
-            return [self._chat_ids(body)]
-        prompt = body["prompt"]
+            ids = self._chat_ids(body)
+            return None if ids is None else [ids]
+        prompt = body.get("prompt")
+        if prompt is None:  # prompt_embeds only: the engine counts them
+            return None
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             return [self._one_ids(p) for p in prompt]  # a list of strings or of token-id lists
         return [self._one_ids(prompt)]
 
     def _one_ids(self, prompt: Any) -> list[int]:
-        """One completions prompt: a string or a non-empty list of token ids."""
+        """One completions prompt, already validated by vLLM's request model: a string or token ids."""
         if isinstance(prompt, str):
             return list(self.tokenizer.encode(prompt, add_special_tokens=True))
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            return list(prompt)
-        raise ApiError(400, "'prompt' must be a string, a list of token ids, or a list of strings or of "
-                            "token-id lists", param="prompt")
+        return list(prompt)
 
-    def _chat_ids(self, body: dict[str, Any]) -> list[int]:
+    def _chat_ids(self, body: dict[str, Any]) -> Optional[list[int]]:
         try:
             text = self.tokenizer.apply_chat_template(body["messages"], tokenize=False, **_template_options(body),
                                                       **self._template)
-        except Exception as e:  # jinja raises for unknown roles and malformed content
-            raise ApiError(400, f"cannot apply the chat template: {e}", param="messages")
+        except Exception:  # noqa: BLE001 - jinja raises for unknown roles and malformed content
+            return None
         # The template writes the special tokens itself, as tokenize=True would encode it;
         # the Rust tokenizer directly skips transformers' per-call wrapping.
         if self._fast is not None:

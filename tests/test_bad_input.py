@@ -29,9 +29,9 @@ CASES = [
     ("unknown model", {"model": "gpt-9", "messages": _msgs(), "max_tokens": 4}, None, 404),
     ("max_tokens zero", {"model": "tiny", "messages": _msgs(), "max_tokens": 0}, None, 400),
     ("max_tokens negative", {"model": "tiny", "messages": _msgs(), "max_tokens": -5}, None, 400),
-    # "word " is 3 tokens of the tiny model's tokenizer: 908 prompt tokens fit its 2048, 2408 do not
-    ("prompt plus max_tokens over context", {"model": "tiny", "messages": _msgs("word " * 300), "max_tokens": 1500},
-     None, 400),
+    # vLLM caps a max_tokens the prompt leaves no room for (and so does pdserve), but refuses one
+    # beyond the whole context, and a prompt the context cannot hold
+    ("max_tokens over context", {"model": "tiny", "messages": _msgs("word " * 30), "max_tokens": 3000}, None, 400),
     ("prompt alone over context", {"model": "tiny", "messages": _msgs("word " * 2500), "max_tokens": 1}, None, 400),
     ("unknown role", {"model": "tiny", "messages": _msgs(role="wizard"), "max_tokens": 4}, None, 400),
     ("oversized body", None, json.dumps({"model": "tiny", "messages": _msgs("x" * (2 << 20))}).encode(), 413),
@@ -67,8 +67,9 @@ def test_rejected_requests_leave_no_kv_behind(clusters):
 
     before = prefill_prompt_tokens()
     for _ in range(3):
-        # 908 + 1500 > 2048: refused at once, before any engine work (so a short timeout)
-        r = httpx.post(url + "/v1/chat/completions", json={"model": "tiny", "messages": big, "max_tokens": 1500},
+        # max_tokens beyond the 2048-token context: refused at once, before any engine work
+        # (a one-token prefill leg would not refuse it, and would hold the prompt's KV)
+        r = httpx.post(url + "/v1/chat/completions", json={"model": "tiny", "messages": big, "max_tokens": 3000},
                        timeout=30)
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == "max_tokens"
