@@ -63,12 +63,3 @@ def vllm_json_error(e) -> tuple[int, dict[str, Any]]:
     """A body that is not JSON (a json.JSONDecodeError), as FastAPI reports it."""
     return vllm_validation_error([{"type": "json_invalid", "loc": ("body", e.pos), "msg": "JSON decode error",
                                    "input": {}, "ctx": {"error": e.msg}}])
-
-
-def validation_message(e) -> str:
-    """One line from a pydantic ValidationError: 'field.path: problem; ...'."""
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ()))
-        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
-    return "; ".join(parts) or str(e)

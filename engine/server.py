@@ -20,7 +20,7 @@ import secrets
 import socket
 from typing import Any, AsyncIterator, Literal, Optional
 
-from pdserve.engine.errors import error_body, validation_message
+from pdserve.engine.errors import error_body, vllm_error, vllm_model_error
 from pdserve.engine.stats import LoadTracker, stat_logger_factory
 from pdserve.engine.tiny_model import resolve_model
 from pdserve.kv_transfer import nixl_internals, vllm_internals
@@ -215,7 +215,7 @@ class EngineServer:
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from pydantic import ValidationError
-        from vllm.exceptions import VLLMValidationError
+        from vllm.exceptions import VLLMClientError
 
         try:
             if endpoint == "chat":
@@ -228,10 +228,12 @@ class EngineServer:
                 yield ("error", 404, error_body(404, f"unknown endpoint {endpoint!r}", "NotFoundError"))
                 return
         except ValidationError as e:
-            yield ("error", 400, error_body(400, validation_message(e), "BadRequestError"))
+            yield ("error", *vllm_model_error(e))
             return
-        except (VLLMValidationError, ValueError, TypeError) as e:
-            yield ("error", 400, error_body(400, str(e), "BadRequestError"))
+        except (VLLMClientError, ValueError, TypeError, OverflowError) as e:
+            # The client's fault, worded as vLLM's server words it (its param kept); an engine's
+            # own failure propagates, so the router falls back or resumes.
+            yield ("error", *vllm_error(e))
             return
 
         if isinstance(result, ErrorResponse):
