@@ -63,6 +63,13 @@ class LegRunner:
             if result.cause is None and result.client_error is None:
                 self.disaggregator.observe_prefill_leg(ctx, p, result.seconds)
             if result.client_error is not None:  # the client's fault: a whole run would fail the same way
+                if link:
+                    self.breakers.abandon(*link)  # the link was not tried: free a half-open probe slot
+                if ctx.checked.stream and decode.is_healthy(d_id):
+                    # vLLM refuses some inputs of a stream inside it (200, then an error event) and
+                    # others before it (400): the whole request on the decode engine is answered
+                    # as vLLM's server answers it. The prefill leg, not streamed, cannot tell.
+                    return "pd", Leg(decode, d_id, ctx.endpoint, ctx.body), None
                 status, body = result.client_error
                 self.account.answered("pd", ctx.endpoint, status)
                 return "pd", None, JSONResponse(body, status_code=status, headers=ctx.headers)

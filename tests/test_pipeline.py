@@ -177,6 +177,21 @@ def test_prefill_4xx_goes_back_to_the_client_as_it_is():
     assert_settled(c)
 
 
+def test_a_stream_the_prefill_engine_refuses_is_answered_by_the_decode_engine():
+    """vLLM's server answers some bad streams 200 with an error event (an out-of-vocabulary
+    token id), others 400: the non-streamed prefill leg cannot tell which, so the whole
+    request goes to the decode engine, whose serving layer answers as vLLM's does (P/D used
+    to answer 400 where vLLM streams)."""
+    c = pd_cluster(prefill={"error": 400})
+    r = serve(c, STREAM)
+    assert r.status_code == 200 and r.headers["x-pdserve-path"] == "pd"
+    ids, events = stream_tokens(r.text)
+    assert events[-1] == {"done": True} and ids
+    ((endpoint, body),) = c.engines["d0"].calls
+    assert "kv_transfer_params" not in body and body["stream"] is True  # whole, not a decode leg
+    assert_settled(c)
+
+
 def test_prefill_timeout():
     c = pd_cluster(prefill={"hang_after": 0}, prefill_timeout_s=0.2, load_poll_interval_s=0.05)
     assert_fallback(c, serve(c), FallbackCause.PREFILL_TIMEOUT, "d0")
