@@ -1,4 +1,4 @@
-"""PNG plots for the A/B report (matplotlib, Agg backend: no display needed)."""
+"""PNG plots for the A/B report and the cache sweep (matplotlib, Agg backend: no display needed)."""
 from __future__ import annotations
 
 import math
@@ -98,4 +98,38 @@ def plot_metric_vs_rate(arms: Sequence[Arm], metric: str, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_sweep_panels(arms: Sequence[tuple[str, list[dict[str, Any]]]], path: Path, *, x_key: str = "session_rate",
+                      x_label: str = "session rate (sessions/s)", goodput_key: str = "request_goodput",
+                      title: Optional[str] = None) -> None:
+    """One figure of four panels over a sweep: goodput, TTFT and TPOT (p50 solid, p95 dashed) and
+    the prefix-cache hit rate, each against ``x_key``, one colour per arm."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    (ax_g, ax_t), (ax_p, ax_h) = axes
+    for (label, runs), color in zip(arms, _COLORS):
+        runs = sorted(runs, key=lambda r: float(r[x_key]))
+        xs = [float(r[x_key]) for r in runs]
+
+        def ys(key: str, scale: float = 1.0) -> list[float]:
+            return [math.nan if r.get(key) is None else r[key] * scale for r in runs]
+
+        ax_g.plot(xs, ys(goodput_key), "o-", color=color, label=label)
+        for ax, metric in ((ax_t, "ttft"), (ax_p, "tpot")):
+            ax.plot(xs, ys(f"p50_{metric}_ms"), "o-", color=color, label=f"{label} p50")
+            ax.plot(xs, ys(f"p95_{metric}_ms"), "s--", color=color, alpha=0.6, label=f"{label} p95")
+        ax_h.plot(xs, ys("prefix_cache_hit_rate", 100.0), "o-", color=color, label=label)
+    for ax, ylabel in ((ax_g, "goodput (req/s within all SLOs)"), (ax_t, "TTFT (ms)"), (ax_p, "TPOT (ms)"),
+                       (ax_h, "prefix cache hit rate (%)")):
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    ax_t.set_yscale("log")
+    ax_g.legend(fontsize=8)
+    ax_t.legend(fontsize=6, ncol=2)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
     plt.close(fig)
