@@ -1,0 +1,147 @@
+"""Benchmark: what pdserve's serving path costs next to vLLM's own OpenAI server.
+
+Both servers run one engine of the same config on the same core; vLLM's own benchmark client
+(``vllm.benchmarks.serve``, pinned to another core) sends both the same workload, one server at
+a time, in the order vLLM, pdserve, vLLM, pdserve, ... so that drift on a shared machine falls on
+both. It prints each run's TTFT / TPOT / ITL medians and p99s and the ratios pdserve / vLLM of
+the medians of the runs.
+
+    python -m pdserve.bench.serving_cost [--rounds 2 --num-prompts 100 --rate 4]
+
+pdserve runs monolithic (config ``--config``, shrunk to one replica on ``--core``, autoscaling
+off): one Ray Serve router replica in front of one engine replica. vLLM's server gets the engine
+settings and engine environment pdserve's engines run with (bench/vllm_server.py), so the
+difference is the serving path: the router, Ray Serve's handle calls and the replica's stream.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_VLLM_CLIENT = textwrap.dedent("""
+    import json, sys
+    from vllm.benchmarks.serve import add_cli_args, main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    result = main(parser.parse_args(sys.argv[1:]))
+    keep = [k for k in result if k.endswith(("_ttft_ms", "_tpot_ms", "_itl_ms", "_e2el_ms"))]
+    print("RESULT " + json.dumps({k: result[k] for k in ("completed", "duration", *keep)}))
+""")
+FIGURES = ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "p99_itl_ms")
+
+
+def vllm_bench_serve(url: str, model: str, tokenizer: str, *, num_prompts: int, rate: float, input_len: int,
+                     output_len: int, seed: int, client_core: Optional[int]) -> dict[str, Any]:
+    """One run of vLLM's own client (chat endpoint, random prompts, Poisson arrivals)."""
+    cmd = [sys.executable, "-c", _VLLM_CLIENT, "--backend", "openai-chat", "--base-url", url,
+           "--endpoint", "/v1/chat/completions", "--model", model, "--tokenizer", tokenizer,
+           "--dataset-name", "random", "--random-input-len", str(input_len), "--random-output-len", str(output_len),
+           "--num-prompts", str(num_prompts), "--request-rate", str(rate), "--seed", str(seed),
+           "--ignore-eos", "--temperature", "0", "--disable-tqdm", "--num-warmups", "4"]
+    if client_core is not None:
+        cmd = ["taskset", "-c", str(client_core), *cmd]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+            if result["completed"] != num_prompts:
+                raise RuntimeError(f"vLLM's client completed {result['completed']} of {num_prompts} requests")
+            return result
+    raise RuntimeError(f"vLLM's client failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+
+
+def one_engine(cfg, core: int):
+    """``cfg`` served monolithic by one engine replica on ``core``, autoscaling off."""
+    mono = cfg.monolithic.model_copy(update={"replicas": 1, "cpu_cores": [str(core)], "autoscaling": None})
+    return cfg.model_copy(update={"mode": "monolithic", "monolithic": mono})
+
+
+def run_vllm(cfg, core: int, client: dict[str, Any], log_path: str) -> dict[str, Any]:
+    from pdserve.bench.vllm_server import VllmServer
+
+    with VllmServer(cfg, core=core, log_path=log_path) as server:
+        return vllm_bench_serve(server.url, cfg.model.served_name, **client)
+
+
+def run_pdserve(cfg, client: dict[str, Any]) -> dict[str, Any]:
+    from pdserve.bench.cluster_runtime import runtime
+    from pdserve.bench.vllm_server import free_port
+
+    rt = runtime()
+    url = rt.start_cluster(cfg, port=free_port())
+    try:
+        return vllm_bench_serve(url, cfg.model.served_name, **client)
+    finally:
+        rt.stop_cluster()
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    medians = {arm: {k: statistics.median(r[k] for r in rs) for k in FIGURES} for arm, rs in runs.items()}
+    ratios = {k: medians["pdserve"][k] / medians["vllm"][k] for k in FIGURES if medians["vllm"][k]}
+    return {"runs": runs, "medians": medians, "ratios": ratios}
+
+
+def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
+    print(f"\nvLLM bench serve, chat, {args.input_len} in / {args.output_len} out, Poisson {args.rate}/s, "
+          f"{args.num_prompts} prompts per run, engine on core {args.core}, client on core {args.client_core}")
+    print(f"{'run':<12}" + "".join(f"{k:>16}" for k in FIGURES))
+    for arm, rs in report["runs"].items():
+        for i, r in enumerate(rs):
+            print(f"{arm + ' ' + str(i + 1):<12}" + "".join(f"{r[k]:>16.1f}" for k in FIGURES))
+    print(f"{'pdserve/vLLM':<12}" + "".join(f"{report['ratios'].get(k, float('nan')):>15.2f}x" for k in FIGURES))
+    print("goals: median TTFT <= 1.10x, median TPOT <= 1.05x")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from pdserve.engine.tiny_model import resolve_model
+    from pdserve.settings.cluster import load_config
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "cpu-monolithic.yaml"))
+    p.add_argument("--core", type=int, default=1, help="the core both servers' engine runs on")
+    p.add_argument("--client-core", type=int, default=0, help="the core vLLM's client runs on (-1: any)")
+    p.add_argument("--rounds", type=int, default=2, help="runs per server, alternating")
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--rate", type=float, default=4.0)
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the report here")
+    args = p.parse_args(argv)
+    if args.rounds < 1 or args.num_prompts < 1 or args.rate <= 0:
+        p.error("--rounds and --num-prompts must be >= 1 and --rate > 0")
+    cfg = one_engine(load_config(args.config), args.core)
+    client = dict(tokenizer=resolve_model(cfg.model.path), num_prompts=args.num_prompts, rate=args.rate,
+                  input_len=args.input_len, output_len=args.output_len, seed=args.seed,
+                  client_core=None if args.client_core < 0 else args.client_core)
+    runs: dict[str, list[dict[str, Any]]] = {"vllm": [], "pdserve": []}
+    log = os.path.abspath("serving_cost_vllm_server.log")
+    for i in range(args.rounds):
+        runs["vllm"].append(run_vllm(cfg, args.core, client, log))
+        print(f"round {i + 1}: vLLM   " + json.dumps({k: round(runs['vllm'][-1][k], 1) for k in FIGURES}), flush=True)
+        runs["pdserve"].append(run_pdserve(cfg, client))
+        print(f"round {i + 1}: pdserve " + json.dumps({k: round(runs['pdserve'][-1][k], 1) for k in FIGURES}),
+              flush=True)
+    report = summarize(runs)
+    print_report(report, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    from pdserve.bench import cluster_runtime
+    from pdserve.cluster import runtime
+
+    cluster_runtime.use(runtime)  # this script is the program: its entry point is a composition root
+    raise SystemExit(main())

@@ -1,0 +1,29 @@
+"""The serving-cost benchmark's pieces that need no server: the one-engine config it runs
+pdserve with, and the ratios it prints (pdserve over vLLM, medians of the runs)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pdserve.bench.serving_cost import FIGURES, one_engine, summarize
+from pdserve.settings.cluster import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pdserve_runs_one_engine_on_the_given_core_without_autoscaling():
+    cfg = one_engine(load_config(ROOT / "configs" / "cpu-monolithic.yaml"), 1)
+    assert cfg.mode == "monolithic"
+    assert cfg.monolithic.replicas == 1 and cfg.monolithic.cpu_cores == ["1"]
+    assert cfg.monolithic.autoscaling is None
+
+
+def test_ratios_are_pdserve_over_vllm_of_the_run_medians():
+    def run(ttft, tpot):
+        return {k: (ttft if "ttft" in k else tpot) for k in FIGURES}
+
+    report = summarize({"vllm": [run(20, 5), run(30, 5), run(25, 6)], "pdserve": [run(33, 6), run(27, 5.5)]})
+    assert report["medians"]["vllm"]["median_ttft_ms"] == 25
+    assert report["ratios"]["median_ttft_ms"] == pytest.approx(30 / 25)
+    assert report["ratios"]["median_tpot_ms"] == pytest.approx(5.75 / 5)
