@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-# Sampling settings carried over to the continuation; everything else is chat- or
+# Sampling and output settings carried over to the continuation; everything else is chat- or
 # client-specific and either meaningless for a token prompt or already applied.
 _SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos", "stop", "stop_token_ids",
-                  "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
-                  "skip_special_tokens", "spaces_between_special_tokens")
+                  "include_stop_str_in_output", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                  "min_tokens", "logit_bias", "allowed_token_ids", "bad_words", "skip_special_tokens",
+                  "spaces_between_special_tokens")
 
 # vLLM's /v1/completions default max_tokens (CompletionRequest in vllm 0.32.0)
 _COMPLETIONS_DEFAULT_MAX_TOKENS = 16

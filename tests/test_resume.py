@@ -141,3 +141,36 @@ def test_a_continuation_owes_only_the_rest_of_min_tokens():
     assert cont["max_tokens"] == 7 and cont["min_tokens"] == 2
     cont = t.continuation({"messages": [], "max_tokens": 10, "min_tokens": 2}, "tiny")
     assert cont["min_tokens"] == 0
+
+
+def _resumed_tracker(endpoint: str, sent: int = 2) -> StreamTracker:
+    """A tracker whose stream (prompt 5, 6, 7) was cut after ``sent`` tokens, then resumed."""
+    t = StreamTracker(endpoint)
+    first = ({"id": "chatcmpl-1", "created": 7, "model": "tiny", "prompt_token_ids": [5, 6, 7],
+              "choices": [{"delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+             if endpoint == "chat" else
+             {"id": "cmpl-1", "created": 7, "model": "tiny",
+              "choices": [{"index": 0, "text": "a", "prompt_token_ids": [5, 6, 7], "token_ids": [11]}]})
+    t.observe(_event(first))
+    while len(t.sent_ids) < sent:
+        t.observe(_event({"id": first["id"], "choices": [{"index": 0, "text": "b", "delta": {"content": "b"},
+                                                          "token_ids": [12]}]}))
+    t.continuation({"max_tokens": 10, "temperature": 0, "return_token_ids": True}, "tiny")
+    return t
+
+
+def _rewritten(t: StreamTracker, *chunks) -> list[dict]:
+    out = t.rewrite("".join(_event(c) for c in chunks))
+    return [json.loads(line[6:]) for line in out.splitlines() if line.startswith("data: ")]
+
+
+def test_a_continuation_carries_every_option_that_shapes_its_tokens_and_usage():
+    """logit_bias, allowed_token_ids, bad_words and include_stop_str_in_output were dropped, so
+    a resumed stream went on with other tokens or without its stop string."""
+    t = _resumed_tracker("chat")
+    body = {"max_tokens": 10, "temperature": 0, "logit_bias": {"5": 3.0}, "allowed_token_ids": [5, 9],
+            "bad_words": ["x"], "stop": ["or"], "include_stop_str_in_output": True, "return_token_ids": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    cont = t.continuation(body, "tiny")
+    for key in ("logit_bias", "allowed_token_ids", "bad_words", "stop", "include_stop_str_in_output"):
+        assert cont[key] == body[key], key
