@@ -77,6 +77,7 @@ class StreamTracker:
         self.head: dict[str, Any] = {}
         self.done = False
         self.finished = False
+        self.resumed_at = 0  # tokens sent before the current continuation
 
     def observe(self, event: str) -> None:
         for line in event.splitlines():
@@ -156,38 +157,77 @@ class StreamTracker:
             out["max_tokens"] = max(1, max_model_len - len(prompt))
         if body.get("min_tokens"):
             out["min_tokens"] = max(0, int(body["min_tokens"]) - sent)
+        options = body.get("stream_options") or {}
+        if options.get("include_usage"):  # the client's usage, rewritten by rewrite() to count the whole stream
+            out["stream_options"] = {"include_usage": True,
+                                     "continuous_usage_stats": bool(options.get("continuous_usage_stats"))}
         out.update(model=served_name, prompt=prompt, stream=True, return_token_ids=True)
+        self.resumed_at = sent
         return out
 
     def rewrite(self, event: str) -> str:
-        """A continuation (completions) event in the original stream's format."""
+        """A continuation (completions) event in the original stream's format: its id, model and
+        object, each chunk laid out as vLLM lays out one of the original endpoint's chunks, and
+        usage counting the whole stream (the original prompt; every token sent)."""
         out = []
         for line in event.splitlines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                if line == "data: [DONE]":
-                    out.append(line)
+            if line == "data: [DONE]":
+                out.append(line)
+                continue
+            if not line.startswith("data: "):
                 continue
             try:
                 chunk = json.loads(line[6:])
             except ValueError:
                 continue
-            choices = []
-            for c in chunk.get("choices") or []:
-                text, ids, reason = c.get("text") or "", c.get("token_ids") or [], c.get("finish_reason")
-                if not text and not ids and not reason:
-                    continue
-                if self.endpoint == "chat":
-                    choices.append({"index": 0, "delta": {"content": text}, "logprobs": None,
-                                    "finish_reason": reason, "token_ids": ids})
-                else:
-                    choices.append({"index": 0, "text": text, "logprobs": None, "finish_reason": reason,
-                                    "token_ids": ids})
-            if not choices:
-                continue
-            obj = "chat.completion.chunk" if self.endpoint == "chat" else "text_completion"
-            # compact, as vLLM writes its chunks (and as hide_token_ids reads them)
-            out.append("data: " + json.dumps({**self.head, "object": obj, "choices": choices}, separators=(",", ":")))
+            rewritten = self._rewrite_chunk(chunk)
+            if rewritten is not None:
+                # compact, as vLLM writes its chunks (and as hide_token_ids reads them)
+                out.append("data: " + json.dumps(rewritten, separators=(",", ":")))
         return "".join(line + "\n\n" for line in out)
+
+    def _rewrite_chunk(self, chunk: dict[str, Any]) -> Optional[dict[str, Any]]:
+        choices = [self._rewrite_choice(c) for c in chunk.get("choices") or []
+                   if c.get("text") or c.get("token_ids") or c.get("finish_reason")]
+        usage = chunk.get("usage")
+        if not choices and usage is None:
+            return None
+        obj = "chat.completion.chunk" if self.endpoint == "chat" else "text_completion"
+        out: dict[str, Any] = {**self.head, "object": obj, "choices": choices}
+        if usage is not None:
+            out["usage"] = self._usage(usage, running=bool(chunk.get("choices")))
+        if "system_fingerprint" in chunk:  # vLLM's last chunk carries it
+            out["system_fingerprint"] = chunk["system_fingerprint"]
+        return out
+
+    def _rewrite_choice(self, c: dict[str, Any]) -> dict[str, Any]:
+        if self.endpoint != "chat":  # already a completions choice: the prompt ids went out in the first chunk
+            return {**c, "index": 0, "prompt_token_ids": None}
+        text, reason = c.get("text") or "", c.get("finish_reason")
+        choice = {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": reason}
+        if reason is not None:  # vLLM's chat chunks carry stop_reason with the finish only
+            choice["stop_reason"] = c.get("stop_reason")
+        choice["token_ids"] = c.get("token_ids")
+        return choice
+
+    def _usage(self, usage: dict[str, Any], running: bool) -> dict[str, Any]:
+        """The continuation's usage as the whole stream's: the original prompt, every token sent.
+        The prompt's cache counts are the continuation's (its prefill of prompt and tokens sent),
+        within the original prompt; a completions continuation reports no cache fills."""
+        prompt = len(self.prompt_ids or [])
+        done = self.resumed_at + int(usage.get("completion_tokens") or 0)
+        out = dict(usage, prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done)
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, dict):
+            out["prompt_tokens_details"] = dict(details, cached_tokens=min(int(details.get("cached_tokens") or 0),
+                                                                            prompt))
+        if self.endpoint == "chat":  # vLLM's chat usage: details of the completion while running, of the prompt at the end
+            if running:
+                out.setdefault("completion_tokens_details", None)
+            else:
+                out.setdefault("prompt_tokens_details", {"cached_tokens": 0})
+                out["prompt_tokens_details"].setdefault("created_cache_tokens", 0)
+        return out
 
 
 def error_event(message: str) -> str:

@@ -166,7 +166,8 @@ def _rewritten(t: StreamTracker, *chunks) -> list[dict]:
 
 def test_a_continuation_carries_every_option_that_shapes_its_tokens_and_usage():
     """logit_bias, allowed_token_ids, bad_words and include_stop_str_in_output were dropped, so
-    a resumed stream went on with other tokens or without its stop string."""
+    a resumed stream went on with other tokens or without its stop string; a client that asked
+    for usage got none after a resume."""
     t = _resumed_tracker("chat")
     body = {"max_tokens": 10, "temperature": 0, "logit_bias": {"5": 3.0}, "allowed_token_ids": [5, 9],
             "bad_words": ["x"], "stop": ["or"], "include_stop_str_in_output": True, "return_token_ids": True,
@@ -174,3 +175,55 @@ def test_a_continuation_carries_every_option_that_shapes_its_tokens_and_usage():
     cont = t.continuation(body, "tiny")
     for key in ("logit_bias", "allowed_token_ids", "bad_words", "stop", "include_stop_str_in_output"):
         assert cont[key] == body[key], key
+    assert cont["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    assert "stream_options" not in t.continuation(dict(body, stream_options=None), "tiny")
+
+
+def test_rewritten_chat_chunks_are_laid_out_as_vllms():
+    t = _resumed_tracker("chat")
+    mid, last = _rewritten(t, {"id": "cmpl-x", "choices": [{"index": 0, "text": "c", "logprobs": None,
+                                                             "finish_reason": None, "stop_reason": None,
+                                                             "prompt_token_ids": [5, 6, 7, 11, 12],
+                                                             "token_ids": [13]}]},
+                           {"id": "cmpl-x", "choices": [{"index": 0, "text": "d", "logprobs": None,
+                                                         "finish_reason": "stop", "stop_reason": "or",
+                                                         "prompt_token_ids": None, "token_ids": [14]}],
+                            "system_fingerprint": "fp"})
+    assert mid["choices"] == [{"index": 0, "delta": {"content": "c"}, "logprobs": None, "finish_reason": None,
+                               "token_ids": [13]}]
+    assert last["choices"] == [{"index": 0, "delta": {"content": "d"}, "logprobs": None, "finish_reason": "stop",
+                                "stop_reason": "or", "token_ids": [14]}]
+    assert last["system_fingerprint"] == "fp" and "system_fingerprint" not in mid
+    assert (last["id"], last["created"], last["object"]) == ("chatcmpl-1", 7, "chat.completion.chunk")
+
+
+def test_rewritten_completions_chunks_keep_vllms_layout_without_the_continuations_prompt():
+    t = _resumed_tracker("completions")
+    (chunk,) = _rewritten(t, {"id": "cmpl-x", "choices": [{"index": 0, "text": "c", "logprobs": None,
+                                                            "finish_reason": "length", "stop_reason": None,
+                                                            "prompt_token_ids": [5, 6, 7, 11, 12],
+                                                            "token_ids": [13]}]})
+    assert chunk["choices"] == [{"index": 0, "text": "c", "logprobs": None, "finish_reason": "length",
+                                 "stop_reason": None, "prompt_token_ids": None, "token_ids": [13]}]
+    assert chunk["id"] == "cmpl-1" and t.prompt_ids == [5, 6, 7]
+
+
+def test_usage_after_a_resume_counts_the_original_prompt_and_every_token_sent():
+    t = _resumed_tracker("chat", sent=2)
+    running, final = _rewritten(
+        t, {"id": "cmpl-x", "choices": [{"index": 0, "text": "c", "finish_reason": None, "token_ids": [13]}],
+            "usage": {"prompt_tokens": 5, "total_tokens": 6, "completion_tokens": 1}},
+        {"id": "cmpl-x", "choices": [], "system_fingerprint": "fp",
+         "usage": {"prompt_tokens": 5, "total_tokens": 6, "completion_tokens": 1,
+                   "prompt_tokens_details": {"cached_tokens": 4}}})
+    assert running["usage"] == {"prompt_tokens": 3, "total_tokens": 6, "completion_tokens": 3,
+                                "completion_tokens_details": None}
+    assert final["choices"] == [] and final["usage"] == {
+        "prompt_tokens": 3, "total_tokens": 6, "completion_tokens": 3,
+        "prompt_tokens_details": {"cached_tokens": 3, "created_cache_tokens": 0}}
+    t = _resumed_tracker("completions", sent=2)
+    (final,) = _rewritten(t, {"id": "cmpl-x", "choices": [],
+                              "usage": {"prompt_tokens": 5, "total_tokens": 7, "completion_tokens": 2,
+                                        "prompt_tokens_details": {"cached_tokens": 0}}})
+    assert final["usage"] == {"prompt_tokens": 3, "total_tokens": 7, "completion_tokens": 4,
+                              "prompt_tokens_details": {"cached_tokens": 0}}
