@@ -34,14 +34,18 @@ class StreamRelay:
     None. ``on_gap(seconds)`` sees every gap between two token-carrying sends (ITL);
     ``on_resume(outcome)`` sees "resumed" or "exhausted". ``hide_ids``: the router asked
     for token ids the client did not, so the client is sent the chunks as vLLM writes them
-    without (``hide_token_ids``), after the tracker read them."""
+    without (``hide_token_ids``), after the tracker read them. ``detokenize(ids)``: the text of
+    output token ids, as the engine writes it; with it, text vLLM held back at a cut (a stream
+    with stop strings) is sent ahead of the continuation's (``StreamTracker.recover_held_back``)."""
 
     def __init__(self, endpoint: str, leg: Leg, body: dict[str, Any], *, served_name: str, max_resumes: int,
                  t0: float, respawn: Callable[[Leg, dict[str, Any]], Optional[Leg]],
                  on_gap: Callable[[float], None] = lambda s: None,
                  on_resume: Callable[[str], None] = lambda outcome: None, hide_ids: bool = False,
-                 max_model_len: Optional[int] = None) -> None:
-        self.tracker = StreamTracker(endpoint)
+                 max_model_len: Optional[int] = None,
+                 detokenize: Optional[Callable[[list[int]], str]] = None) -> None:
+        self.tracker = StreamTracker(endpoint, track_text=detokenize is not None and bool(body.get("stop")))
+        self.detokenize = detokenize
         self.leg = leg  # the leg serving the stream now (a continuation's after a resume)
         self.body = body
         self.served_name = served_name
@@ -114,6 +118,7 @@ class StreamRelay:
         new_leg = None
         if self.resumes < self.max_resumes and self.tracker.can_resume(self.body):
             new_leg = self.respawn(self.leg, self.tracker.continuation(self.body, self.served_name, self.max_model_len))
+            self.tracker.recover_held_back(self.detokenize)
         if new_leg is None:
             self.on_resume("exhausted")
             return False

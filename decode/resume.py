@@ -16,7 +16,7 @@ sees one continuous stream with no duplicated or missing tokens.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 # Sampling and output settings carried over to the continuation; everything else is chat- or
 # client-specific and either meaningless for a token prompt or already applied.
@@ -37,6 +37,20 @@ _IDS_TAIL = 'token_ids":['
 # A chat chunk vLLM sends only because token ids were asked for: nothing in its delta, no
 # logprobs, no finish (chat_completion/serving.py skips it when return_token_ids is off).
 _IDS_ONLY_CHAT_CHUNK = '"delta":{},"logprobs":null,"finish_reason":null'
+
+
+_TEXT_KEYS = ('"content":"', '"text":"')
+_DECODER = json.JSONDecoder()
+
+
+def _text_of(data: str) -> str:
+    """The text of a one-choice chunk (chat content or completions text), read without parsing
+    the rest of it."""
+    for key in _TEXT_KEYS:
+        at = data.find(key)
+        if at >= 0:
+            return _DECODER.raw_decode(data, at + len(key) - 1)[0]
+    return ""
 
 
 def hide_token_ids(text: str) -> str:
@@ -70,10 +84,13 @@ def hide_token_ids(text: str) -> str:
 class StreamTracker:
     """Reads the SSE events the client is sent and remembers what a continuation needs."""
 
-    def __init__(self, endpoint: str):
+    def __init__(self, endpoint: str, track_text: bool = False):
         self.endpoint = endpoint
         self.prompt_ids: Optional[list[int]] = None
         self.sent_ids: list[int] = []
+        # The text sent, kept where vLLM may hold text back (a stream with stop strings).
+        self.sent_text: Optional[list[str]] = [] if track_text else None
+        self.held_back = ""  # text of sent tokens the client has not had yet, sent ahead of the continuation's
         self.head: dict[str, Any] = {}
         self.done = False
         self.finished = False
@@ -102,6 +119,8 @@ class StreamTracker:
                 if self.prompt_ids is None and choice.get("prompt_token_ids"):
                     self.prompt_ids = list(choice["prompt_token_ids"])
                 self.sent_ids.extend(choice.get("token_ids") or [])
+                if self.sent_text is not None:
+                    self.sent_text.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
                 if choice.get("finish_reason"):
                     self.finished = True
 
@@ -123,7 +142,21 @@ class StreamTracker:
         except ValueError:
             return False
         self.sent_ids.extend(ids)
+        if self.sent_text is not None:
+            self.sent_text.append(_text_of(data))
         return True
+
+    def recover_held_back(self, detokenize: Optional[Callable[[list[int]], str]]) -> None:
+        """vLLM holds back the end of a stream's text while it may be the start of a stop string:
+        the tokens' ids went out, their text not yet, and a continuation starts after them. That
+        text (the sent tokens' text, ``detokenize(ids)``, beyond the text sent) goes out ahead of
+        the continuation's own. A stop string that would span it and the continuation's first
+        text is not found."""
+        if self.sent_text is None or detokenize is None:
+            return
+        sent = "".join(self.sent_text)
+        full = detokenize(self.sent_ids).rstrip("\ufffd")  # a character still incomplete comes with the next token
+        self.held_back = full[len(sent):] if full.startswith(sent) else ""
 
     def can_resume(self, body: dict[str, Any]) -> bool:
         """Whether a continuation can go on exactly where the stream stopped. Never for a
@@ -201,9 +234,10 @@ class StreamTracker:
         return out
 
     def _rewrite_choice(self, c: dict[str, Any]) -> dict[str, Any]:
+        text, self.held_back = self.held_back + (c.get("text") or ""), ""
         if self.endpoint != "chat":  # already a completions choice: the prompt ids went out in the first chunk
-            return {**c, "index": 0, "prompt_token_ids": None}
-        text, reason = c.get("text") or "", c.get("finish_reason")
+            return {**c, "index": 0, "text": text, "prompt_token_ids": None}
+        reason = c.get("finish_reason")
         choice = {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": reason}
         if reason is not None:  # vLLM's chat chunks carry stop_reason with the finish only
             choice["stop_reason"] = c.get("stop_reason")

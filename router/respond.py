@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Optional
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -31,6 +31,7 @@ class Responder:
         self.account = router.account
         self.legs = router.legs
         self.placement = router.placement
+        self.checker = router.checker
 
     async def respond(self, ctx: RequestCtx, path: str, leg: Leg):
         headers = ctx.headers
@@ -61,6 +62,14 @@ class Responder:
         return StreamingResponse(self.stream(ctx, path, leg, first[1]), media_type="text/event-stream",
                                  headers=headers)
 
+    def _detokenizer(self, body: dict) -> Optional[Callable[[list[int]], str]]:
+        """Output token ids to text as the engines write it (the checker's tokenizer), for a resume."""
+        tokenizer = getattr(self.checker, "tokenizer", None)
+        if tokenizer is None:
+            return None
+        skip = body.get("skip_special_tokens", True)
+        return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip)
+
     async def stream(self, ctx: RequestCtx, path: str, leg: Leg, first_chunk: str) -> AsyncIterator[str]:
         m = self.metrics
         relay = StreamRelay(ctx.endpoint, leg, ctx.body, served_name=self.cfg.model.served_name,
@@ -68,7 +77,8 @@ class Responder:
                             respawn=self.placement.respawn,
                             on_gap=lambda seconds: m.itl.labels(path, ctx.cls).observe(seconds),
                             on_resume=lambda outcome: m.stream_resumes.labels(outcome).inc(),
-                            hide_ids=ctx.hide_ids, max_model_len=self.cfg.model.max_model_len)
+                            hide_ids=ctx.hide_ids, max_model_len=self.cfg.model.max_model_len,
+                            detokenize=self._detokenizer(ctx.body))
         chunks = relay.run(first_chunk)
         try:
             async for text in chunks:

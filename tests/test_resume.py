@@ -227,3 +227,24 @@ def test_usage_after_a_resume_counts_the_original_prompt_and_every_token_sent():
                                         "prompt_tokens_details": {"cached_tokens": 0}}})
     assert final["usage"] == {"prompt_tokens": 3, "total_tokens": 7, "completion_tokens": 4,
                               "prompt_tokens_details": {"cached_tokens": 0}}
+
+
+def test_text_vllm_held_back_for_a_stop_string_goes_out_ahead_of_the_continuation():
+    """vLLM sends ' tenan' for the token ' tenant' while 't' may start a stop string; a stream cut
+    there lost the 't' (the continuation starts after the token)."""
+    t = StreamTracker("chat", track_text=True)
+    t.observe(_event({"id": "chatcmpl-1", "created": 7, "model": "tiny", "prompt_token_ids": [5, 6],
+                      "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}))
+    # compact, as vLLM writes it: read by the fast path, without a JSON parse (an escaped quote in it)
+    t.observe('data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":7,"model":"tiny","choices":'
+              '[{"index":0,"delta":{"content":" \\"tenan"},"logprobs":null,"finish_reason":null,"token_ids":[555]}]}'
+              '\n\n')
+    assert t.sent_ids == [555] and t.sent_text == ["", ' "tenan']
+    t.continuation({"max_tokens": 10, "temperature": 0, "stop": ["x"], "return_token_ids": True}, "tiny")
+    t.recover_held_back(lambda ids: " something else")
+    assert t.held_back == ""  # text that does not extend what was sent: nothing is made up
+    t.recover_held_back(lambda ids: ' "tenant\ufffd')
+    assert t.held_back == "t"  # an incomplete character comes with the next token
+    (chunk,) = _rewritten(t, {"id": "cmpl-x", "choices": [{"index": 0, "text": "or", "finish_reason": None,
+                                                            "token_ids": [279]}]})
+    assert chunk["choices"][0]["delta"] == {"content": "tor"} and t.held_back == ""
