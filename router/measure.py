@@ -12,8 +12,8 @@ with exponentially weighted averages.
 * output tokens per request, and the share of time prefill engines spend prefilling.
 
 Each model is a line fitted by exponentially weighted least squares (``EwmaLine``), so it
-follows the cluster as it changes; over samples that all share one x (or whose fit would slope
-down, from noise) it is the mean ratio y / x through the origin.
+follows the cluster as it changes; over samples that all share one x, or whose fit would slope
+down or start below zero (noise over few samples), it is the mean ratio y / x through the origin.
 """
 from __future__ import annotations
 
@@ -48,9 +48,10 @@ class EwmaLine:
         var = self._xx / self._w - mx * mx
         if var > 1e-9 * max(1.0, mx * mx):
             slope = (self._xy / self._w - mx * my) / var
-            if slope >= 0:
+            if slope >= 0 and my - slope * mx >= 0:
                 return Line(my - slope * mx, slope)
-        # one x seen (or a fit that slopes down, from noise): the mean ratio through the origin
+        # one x seen, or a fit no time can have (sloping down, or below zero at x = 0: noise over
+        # few samples): the mean ratio through the origin
         return Line(0.0, my / mx) if mx > 0 else Line(my, 0.0)
 
 

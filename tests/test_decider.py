@@ -113,6 +113,14 @@ def test_one_size_of_sample_gives_a_ratio_through_the_origin():
     assert line.line() == Line(0.0, 0.05 / 1000)
 
 
+def test_a_fit_below_zero_at_the_origin_falls_back_to_the_mean_ratio():
+    line = EwmaLine(alpha=0.5)
+    for x, y in ((100, 0.001), (1000, 0.2), (1100, 0.25)):  # a steep fit would cross zero near x = 100
+        line.add(x, y)
+    fit = line.line()
+    assert fit.fixed == 0.0 and fit.slope > 0 and fit.at(100) > 0
+
+
 def test_live_measurements_are_ready_after_enough_of_each_sample():
     m = LiveMeasurements(alpha=0.5, min_samples=2)
     m.prefill_done("prefill", 1000, 0.2, ahead=1)  # shared with one other request: 0.1 s alone
