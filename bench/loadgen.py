@@ -99,21 +99,18 @@ def _auth(api_key: Optional[str]) -> dict[str, str]:
 # Markers in the compact JSON that vLLM and pdserve write. When every data line of a read is a
 # chunk with choices or the [DONE], the read is tallied by counting bytes: parsing each chunk's
 # JSON would cost the client ~3 us a token, which the router-capacity bench's client cannot
-# spare. Any other line (a usage or error chunk, other JSON spacing) breaks the count: then each
-# line is counted alone, or else parsed. Generated text cannot fake a marker: JSON strings
-# escape quotes and newlines, and data lines are counted by the newline before them. (A usage
+# spare. Any other line breaks the count: a usage or error chunk is then cut out and parsed and
+# the lines around it counted; anything else (other JSON spacing) goes line by line. Generated
+# text cannot fake a marker: JSON strings escape quotes and newlines, data lines are counted by
+# the newline before them, and [DONE] only where it ends the read. (A usage
 # block inside token chunks, as vLLM's continuous_usage_stats adds, is read from the final
 # usage chunk.)
 _CHOICES = b'"choices":[{'
 _DATA = b"data:"
-_DONE_LINE = b"data: [DONE]"
+_DATA_LINE = b"\n" + _DATA
 _DONE = b"[DONE]"
+_DONE_LINE = _DATA + b" " + _DONE
 _TEXT = {True: (b'"content":"', b'"content":""'), False: (b'"text":"', b'"text":""')}  # chat?: text, empty
-
-
-def _line_starts(lines: bytes, prefix: bytes) -> int:
-    """How many of ``lines`` start with ``prefix``."""
-    return lines.count(b"\n" + prefix) + lines.startswith(prefix)
 
 
 class SSETally:
@@ -142,23 +139,41 @@ class SSETally:
 
     def feed(self, lines: bytes) -> int:
         """Tally ``lines`` (ending at a line end); returns how many token events they carried."""
-        events = None if self.keep_text else self._counted(lines)
-        if events is not None:
-            return events
         before = self.events
-        for line in lines.splitlines():
-            line = line.strip()
-            if self.done or self.error is not None:
+        if self.keep_text:
+            for line in lines.splitlines():
+                self._line(line)
+            return self.events - before
+        while lines and not self.ended and self._counted(lines) is None:
+            odd = min((i for i in (lines.find(b'"usage"'), lines.find(b'"error"')) if i >= 0), default=-1)
+            if odd < 0:  # other JSON spacing, an unknown line: line by line
+                for line in lines.splitlines():
+                    self._line(line)
                 break
-            if line.startswith(b"data:") and (self.keep_text or self._counted(line) is None):
-                self._parse(line[5:].strip())
+            # most often the usage chunk, in a read with token chunks: count those in bulk
+            start, end = lines.rfind(b"\n", 0, odd) + 1, lines.find(b"\n", odd) + 1 or len(lines)
+            if self._counted(lines[:start]) is None:
+                for line in lines[:start].splitlines():
+                    self._line(line)
+            self._line(lines[start:end])
+            lines = lines[end:]
         return self.events - before
+
+    @property
+    def ended(self) -> bool:
+        return self.done or self.error is not None
+
+    def _line(self, line: bytes) -> None:
+        line = line.strip()
+        if line.startswith(_DATA) and not self.ended and (self.keep_text or self._counted(line) is None):
+            self._parse(line[5:].strip())
 
     def _counted(self, lines: bytes) -> Optional[int]:
         """If ``lines`` hold token chunks and [DONE] only, tally them by counting bytes and return
         their token events; else None."""
-        events, done = lines.count(_CHOICES), _line_starts(lines, _DONE_LINE)
-        if _line_starts(lines, _DATA) != events + done:
+        events = lines.count(_CHOICES)
+        done = lines[-32:].rstrip().endswith(_DONE_LINE)  # it ends a stream; one elsewhere breaks the count
+        if lines.count(_DATA_LINE) + lines.startswith(_DATA) != events + done:
             return None
         self.events += events
         self.texts += lines.count(self._text) - lines.count(self._no_text)
