@@ -42,6 +42,15 @@ def lab_dir() -> Path:
     return Path(os.environ.get("PDSERVE_LAB_DIR", "/var/tmp/pdserve-lab"))
 
 
+def require_code_outside_tmp(paths: Optional[list[str]] = None) -> None:
+    """Each lab host mounts a /tmp of its own (hostinit.py), so a Python, virtualenv or
+    checkout under /tmp is not there inside the hosts: refuse at once, naming the fix."""
+    for path in paths if paths is not None else [sys.executable, sys.prefix, str(Path(__file__).resolve())]:
+        if Path(path).is_relative_to("/tmp"):
+            raise LabError(f"{path} lies under /tmp, which each lab host replaces with its own: run pdserve "
+                           "from a checkout and virtualenv outside /tmp (e.g. /var/tmp or your home)")
+
+
 @dataclass
 class HostState:
     name: str
@@ -165,6 +174,7 @@ class Lab:
     # ------------------------------------------------------------------ up
     def up(self, spec: LabSpec) -> LabState:
         require_root()
+        require_code_outside_tmp()
         if self.exists():
             raise LabError(f"a lab is already up (state in {self.root}); `pdserve lab down` removes it")
         leftovers = _lab_namespaces()

@@ -98,3 +98,12 @@ def test_serve_detach_needs_an_address(capsys):
 
     assert main(["serve", "--config", str(CONFIGS / "cpu-pd.yaml"), "--detach"]) == 2
     assert "--detach needs --address" in capsys.readouterr().err
+
+
+def test_lab_refuses_code_under_tmp_which_each_host_replaces():
+    from pdserve.lab.errors import LabError
+    from pdserve.lab.hosts import require_code_outside_tmp
+
+    with pytest.raises(LabError, match="under /tmp"):
+        require_code_outside_tmp(["/work/x/.venv/bin/python", "/tmp/clone/.venv"])
+    require_code_outside_tmp(["/work/x/.venv/bin/python", "/var/tmp/clone/.venv", "/tmpfoo/bin/python"])
