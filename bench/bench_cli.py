@@ -121,6 +121,9 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
                    help="repeatable; each request picks a tenant by weight and sends its key")
     m = p.add_argument_group("multi-turn workload (rates are sessions per second)")
     m.add_argument("--num-sessions", type=_positive(int), default=20, help="sessions per run (per rate)")
+    m.add_argument("--arrival-s", type=_positive(float), default=None,
+                   help="instead of --num-sessions: sessions arrive for this long at each rate (rate x this "
+                        "sessions), so every rate reaches the same steady state")
     m.add_argument("--turns", type=_positive(int), default=5, help="user turns per session")
     m.add_argument("--system-prompt-len", type=_positive(int), default=512,
                    help="tokens of the system prompt every session shares")
@@ -177,6 +180,8 @@ def check_args(args: argparse.Namespace) -> Optional[str]:
             return "--workload multi-turn needs --endpoint chat (a conversation is a list of messages)"
         if args.tenant:
             return "--workload multi-turn sends no --tenant keys; give --api-key"
+    elif getattr(args, "arrival_s", None) is not None:
+        return "--arrival-s sizes --workload multi-turn's sessions; other workloads take --num-prompts"
     if getattr(args, "request_rate", None) is not None and args.rates is not None:
         return "give --request-rate or --rates, not both"
     if args.input_len_min > args.input_len_max:
@@ -223,8 +228,9 @@ def sweep(base_url: str, args: argparse.Namespace, rates: list[float], model: Op
         warm_up(base_url, args.endpoint, model, warmups, args.api_key, args.timeout_s)
         load = LoadSpec(rate, args.burstiness, args.max_concurrency)
         if multi_turn:
-            run = run_session_benchmark(base_url, model, chat_sessions(replace(spec, seed=spec.seed + i), tokenizer),
-                                        load, seed=args.seed, percentiles=args.percentiles, slos_ms=slos,
+            n = max(1, round(rate * args.arrival_s)) if args.arrival_s and math.isfinite(rate) else spec.num_sessions
+            sessions = chat_sessions(replace(spec, num_sessions=n, seed=spec.seed + i), tokenizer)
+            run = run_session_benchmark(base_url, model, sessions, load, seed=args.seed, percentiles=args.percentiles, slos_ms=slos,
                                         api_key=args.api_key, timeout_s=args.timeout_s,
                                         progress=not args.disable_tqdm)
         else:
@@ -233,9 +239,14 @@ def sweep(base_url: str, args: argparse.Namespace, rates: list[float], model: Op
                                 timeout_s=args.timeout_s, progress=not args.disable_tqdm)
         runs.append(run)
         print_run(run, args.percentiles)
-    size = ({"num_sessions": spec.num_sessions, "num_prompts": spec.num_sessions * spec.turns} if multi_turn
-            else {"num_prompts": spec.num_prompts})
-    return {"base_url": base_url, "model_id": model, "endpoint": args.endpoint, "workload": spec.describe(),
+    if multi_turn and args.arrival_s:
+        size = {"arrival_s": args.arrival_s}
+    elif multi_turn:
+        size = {"num_sessions": spec.num_sessions, "num_prompts": spec.num_sessions * spec.turns}
+    else:
+        size = {"num_prompts": spec.num_prompts}
+    workload = spec.describe(args.arrival_s) if multi_turn else spec.describe()
+    return {"base_url": base_url, "model_id": model, "endpoint": args.endpoint, "workload": workload,
             **size, "seed": spec.seed, "goodput_slos_ms": slos, "percentiles": list(args.percentiles), "runs": runs}
 
 

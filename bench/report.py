@@ -150,7 +150,7 @@ def write_report(pd: dict[str, Any], mono: dict[str, Any], out_dir: str | Path, 
         arm["goodput_knee"] = {"rate": knees[label].rate, "top_of_sweep": knees[label].top_of_sweep,
                                "threshold": threshold}
     for name, (_, arm) in zip(files, arms):
-        (out / name).write_text(json.dumps(arm, indent=2, allow_nan=False))
+        (out / name).write_text(json.dumps(_without_itls(arm), indent=2, allow_nan=False))
 
     series = [(label, arm["runs"]) for label, arm in arms]
     plot_latency_cdfs(series, out / "latency_cdf.png")
@@ -228,12 +228,19 @@ def write_report(pd: dict[str, Any], mono: dict[str, Any], out_dir: str | Path, 
         "",
         "![latency CDFs](latency_cdf.png)",
         "",
-        f"Raw results (vLLM `bench serve` field names, one entry of `runs` per rate): `{files[0]}`, `{files[1]}`.",
+        f"Raw results (vLLM `bench serve` field names, one entry of `runs` per rate, per-token `itls` left out): "
+        f"`{files[0]}`, `{files[1]}`.",
         "",
     ]
     summary = out / "summary.md"
     summary.write_text("\n".join(lines))
     return summary
+
+
+def _without_itls(arm: dict[str, Any]) -> dict[str, Any]:
+    """The arm with each run's per-token gaps left out (most of its bytes; the report uses the
+    per-request lists, and ``pdserve bench --result-file`` keeps the gaps)."""
+    return dict(arm, runs=[{k: v for k, v in r.items() if k != "itls"} for r in arm.get("runs", [])])
 
 
 def _slo_text(slos: Optional[dict[str, float]]) -> str:

@@ -178,10 +178,12 @@ class MultiTurnSpec:
     seed: int = 0  # the sessions' user turns and think times
     system_seed: int = 0  # the shared system prompt (kept when ``seed`` moves, as a service keeps its own)
 
-    def describe(self) -> str:
-        return (f"multi-turn: {self.num_sessions} sessions of {self.turns} turns, a shared {self.system_prompt_len}-"
-                f"token system prompt, {self.user_turn_len}-token user turns, {self.answer_len}-token answers, "
-                f"think time exponential with mean {self.think_time_s:g} s; seed {self.seed}")
+    def describe(self, arrival_s: Optional[float] = None) -> str:
+        """``arrival_s``: the sessions arrive for this long at each rate (instead of ``num_sessions``)."""
+        count = f"sessions arriving for {arrival_s:g} s at each rate" if arrival_s else f"{self.num_sessions} sessions"
+        return (f"multi-turn: {count}, {self.turns} turns each, a shared {self.system_prompt_len}-token system "
+                f"prompt, {self.user_turn_len}-token user turns, {self.answer_len}-token answers, think time "
+                f"exponential with mean {self.think_time_s:g} s; seed {self.seed}")
 
 
 @dataclass(frozen=True)

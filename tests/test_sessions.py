@@ -256,6 +256,19 @@ def test_bench_cli_multi_turn_prints_and_writes_the_hit_rate(tmp_path, capsys):
     assert len({e["body"]["messages"][0]["content"] for e in log}) == 1  # over one system prompt
 
 
+def test_bench_cli_arrival_s_sizes_each_rates_sessions(tmp_path):
+    out = tmp_path / "r.json"
+    with ChatServer() as server:
+        rc = pdserve_main(["bench", "--url", server.url, "--workload", "multi-turn", "--rates", "20,40",
+                           "--arrival-s", "0.1", "--turns", "2", "--system-prompt-len", "10", "--user-turn-len", "3",
+                           "--answer-len", "2", "--think-time-s", "0", "--disable-tqdm", "--result-file", str(out)])
+        log = server.log
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert [r["num_sessions"] for r in data["runs"]] == [2, 4] and len(log) == (2 + 4) * 2
+    assert data["arrival_s"] == 0.1 and "arriving for 0.1 s at each rate" in data["workload"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--endpoint", "completions"], "needs --endpoint chat"),
     (["--tenant", "a:k:1"], "sends no --tenant keys"),
@@ -263,3 +276,8 @@ def test_bench_cli_multi_turn_prints_and_writes_the_hit_rate(tmp_path, capsys):
 def test_bench_cli_multi_turn_refuses_what_it_cannot_send(argv, message, capsys):
     assert pdserve_main(["bench", "--url", "http://127.0.0.1:9", "--workload", "multi-turn", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_cli_arrival_s_is_for_multi_turn_only(capsys):
+    assert pdserve_main(["bench", "--url", "http://127.0.0.1:9", "--arrival-s", "10"]) == 2
+    assert "--arrival-s sizes --workload multi-turn" in capsys.readouterr().err
