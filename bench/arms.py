@@ -58,6 +58,17 @@ class ArmError(ValueError):
     pass
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """Writes a value met twice in full, not as a YAML anchor and alias."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
+def _yaml(data: Any, **kw) -> str:
+    return yaml.dump(data, Dumper=_PlainDumper, sort_keys=False, **kw)
+
+
 @dataclass
 class Arm:
     name: str
@@ -128,7 +139,7 @@ def resolve(spec: str, overrides: Optional[list[str]] = None, name: Optional[str
         raise ArmError(f"arm {spec!r} does not make a valid config: {e}") from None
     if overrides:
         label += " (" + ", ".join(overrides) + ")"
-    head = f"# {shown(path)}" + (" with overrides:\n# " + yaml.safe_dump(layered, sort_keys=False, default_flow_style=True)
-                          .strip() if layered else "") + "\n"
+    head = f"# {shown(path)}" + (" with overrides:\n# " + _yaml(layered, default_flow_style=True, width=10**6)
+                                 .strip() if layered else "") + "\n"
     return Arm(name or (spec if base else path.stem), label, shown(path), layered, cfg,
-               head + yaml.safe_dump(merged, sort_keys=False))
+               head + _yaml(merged))

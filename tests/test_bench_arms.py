@@ -36,6 +36,8 @@ def test_overrides_lay_dotted_yaml_values_on_a_config():
     assert arm.cfg.slo.tpot_ms == 50  # untouched keys stay
     assert arm.config_path == "configs/cpu-pd.yaml" and "router.disaggregation=adaptive" in arm.label
     assert "disaggregation: adaptive" in arm.text
+    text = resolve("pd-adaptive").text  # both pools' prefix scorer written out, not as a YAML alias
+    assert "&id" not in text and text.count("- name: prefix") == 2
     # overrides on a named arm go on top of its own
     arm = resolve("pd-adaptive", ["router.decider.slo_headroom=0.5"])
     assert arm.cfg.router.disaggregation == "adaptive" and arm.cfg.router.decider.slo_headroom == 0.5
