@@ -78,8 +78,8 @@ class ChatServer:
             usage["prompt_tokens_details"] = {"cached_tokens": cached}
         if (body.get("stream_options") or {}).get("include_usage"):
             await send({"choices": [], "usage": usage})
+        entry["done"] = time.perf_counter()  # just before the end goes out: no client can see it earlier
         await resp.write(b"data: [DONE]\n\n")
-        entry["done"] = time.perf_counter()
         return resp
 
     def _serve(self) -> None:
