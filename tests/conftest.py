@@ -6,7 +6,8 @@ app from configs/cpu-pd-grpc.yaml (our gRPC KV stream, with a short lease and de
 the failure tests run quickly), and a one-replica monolithic app (configs/cpu-monolithic.yaml,
 shrunk to one engine), and the P/D app from configs/cpu-pd-tenants.yaml (auth, admission and
 the degradation ladder on; one extra test-only tenant that may not use the served model). All load the built-in tiny model with the same seeded dummy weights,
-so greedy outputs must agree.
+so greedy outputs must agree. The three apps of the shipped configs run vLLM's serving layer with
+a tool-call parser (``TOOL_CALL_PARSER``), as the fidelity test needs.
 """
 from __future__ import annotations
 
@@ -57,9 +58,9 @@ def clusters():
     from pdserve.engine.config import AutoscalingSpec
     from pdserve.settings.cluster import load_config
 
-    pd_cfg = load_config(CONFIGS / "cpu-pd.yaml")
-    mono_cfg = load_config(CONFIGS / "cpu-monolithic.yaml")
-    grpc_cfg = load_config(CONFIGS / "cpu-pd-grpc.yaml")
+    pd_cfg = with_tool_call_parser(load_config(CONFIGS / "cpu-pd.yaml"))
+    mono_cfg = with_tool_call_parser(load_config(CONFIGS / "cpu-monolithic.yaml"))
+    grpc_cfg = with_tool_call_parser(load_config(CONFIGS / "cpu-pd-grpc.yaml"))
     pd_port, mono_port, grpc_port = _free_port(), _free_port(), _free_port()
     pd_cfg = pd_cfg.model_copy(update={"router": pd_cfg.router.model_copy(update={"port": pd_port})})
     mono_cfg = mono_cfg.model_copy(update={
@@ -96,6 +97,16 @@ def clusters():
         yield Clusters(base, pd_cfg, mono_cfg, mono_base, grpc_base, grpc_cfg, tenants_base, tenants_cfg)
     finally:
         runtime.stop_cluster()
+
+
+# vLLM serves tools with tool_choice "auto" only with a tool-call parser: the apps the fidelity
+# test (tests/test_fidelity.py) compares with vLLM's own server have one, as that server does.
+# "pythonic" reads any tokenizer's text (the tiny model has no tool-call tokens).
+TOOL_CALL_PARSER = "pythonic"
+
+
+def with_tool_call_parser(cfg):
+    return cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"tool_call_parser": TOOL_CALL_PARSER})})
 
 
 RESTRICTED_KEY = "test-restricted-key"
