@@ -57,8 +57,7 @@ class Router:
         self.prefill_pick, self.decode_pick = self.picks["prefill"], self.picks["decode"]
         self.disaggregator = Disaggregator(self)
         self.tenants = TenantDirectory(cfg.auth, salt_secret=f"pdserve-cache-salt:{cfg.name}")
-        serving = cfg.decode if self.mode == "pd" else cfg.monolithic
-        capacity = cfg.admission.max_inflight or serving.max_replicas * cfg.engine.max_num_seqs
+        capacity = cfg.admission.max_inflight or self.serving_replicas(cfg) * cfg.engine.max_num_seqs
         self.admission = AdmissionController(cfg.admission, cfg.ladder, capacity, kv_bytes_per_token)
         self.goodput = GoodputWindow(cfg.slo)
         ab = cfg.ab_split
@@ -75,6 +74,17 @@ class Router:
         self.responder = Responder(self)
         self.pipeline = Pipeline(self)
         self.poller = LoadPoller(self)
+
+    @staticmethod
+    def serving_replicas(cfg: ClusterConfig) -> int:
+        """The engines whose sequences admission counts as capacity: the decode pool's (each
+        request decodes there), and the prefill pool's too where the adaptive decider serves
+        whole requests on them."""
+        if cfg.mode != "pd":
+            return cfg.monolithic.max_replicas
+        if cfg.router.disaggregation == "adaptive" and cfg.router.decider.prefill_whole_max_running > 0:
+            return cfg.decode.max_replicas + cfg.prefill.max_replicas
+        return cfg.decode.max_replicas
 
     @classmethod
     def from_config(cls, cfg: ClusterConfig, pools: dict[str, Pool]) -> "Router":

@@ -6,15 +6,19 @@ chose), so it is tested with hand-made ones. The ways, cheapest first:
 
 * ``decode_local``: the whole request on the chosen decode engine, which prefills it itself:
   one engine, no KV transfer. It stalls the decodes running there for the prefill's length;
-* ``prefill_whole``: the whole request on the chosen prefill engine, when it has room: no
-  transfer, but the decode then holds a core the pool keeps for prefills;
+* ``prefill_whole``: the whole request on the chosen prefill engine, when it has room: the
+  same cost as ``decode_local`` (one engine, no transfer), on the other pool's engine, so the
+  two pools lend each other capacity;
 * ``pd``: prefill on the prefill engine, KV transfer, decode on the decode engine.
 
 For each way it predicts the request's TTFT and TPOT, and the TPOT of the decodes already
-running on the decode engine; a way meets the SLOs when each prediction is within
-``headroom`` of its SLO (the request's class SLO; the strictest class's TPOT for the running
-decodes, whose classes the router does not track per engine). The cheapest way that meets
-them wins; when none does, the way that misses by the least ratio. Only cached tokens
+running on the engine whose steps the request's prefill stalls; a way meets the SLOs when
+each prediction is within ``headroom`` of its SLO (the request's class SLO; the strictest
+class's TPOT for the running decodes, whose classes the router does not track per engine).
+Of the two whole ways that meet them, the one with the most slack wins (the smaller largest
+ratio of prediction to SLO: in effect the less loaded engine, counting what each caches); P/D
+only when neither whole way meets them and P/D does; when no way does, the way that misses
+by the least ratio. Only cached tokens
 (router/prefix_index.py) are left out of a prefill: a decode engine that already holds most
 of a conversation prefills the rest quickly, so repeat turns stay local.
 
@@ -26,7 +30,8 @@ The models, all linear fits the measurements keep current:
   decode step          seconds per output token = fixed + per_request * requests running
   a local prefill      delays each running decode by its own length, spread over the half
                        of its output it has left (mean output length / 2)
-  a decode on a prefill engine  steps slowed by the share of time that engine prefills
+  a decode on a prefill engine  steps slowed by the share of time that engine prefills; a
+                       whole request's prefill there stalls the decodes it runs, as above
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 WAYS = ("decode_local", "prefill_whole", "pd")  # cheapest first
+WHOLE = ("decode_local", "prefill_whole")  # one engine, no transfer: the same cost
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,7 @@ class Situation:
     running_tpot_slo_s: float  # the strictest class's: the decodes running on the decode engine
     prefill_cached: int = 0  # prompt tokens the chosen prefill replica holds
     decode_cached: int = 0  # ... the chosen decode replica holds
-    prefill_ahead: int = 0  # requests the chosen prefill replica runs or queues
+    prefill_ahead: int = 0  # requests the chosen prefill replica runs or queues (P/D prefills, whole requests)
     decode_running: int = 0
     decode_waiting: int = 0
     prefill_room: bool = False  # the prefill replica may take a whole request
@@ -122,7 +128,10 @@ def predict(m: Measurements, s: Situation) -> dict[str, Prediction]:
     local = Prediction(prefill_local + first_d, tpot_d, tpot_d + stall if s.decode_running else 0.0)
 
     tpot_p = step.at(s.prefill_ahead + 1) / (1 - min(0.9, max(0.0, m.prefill_busy)))
-    whole = Prediction(prefill_remote + tpot_p, tpot_p, tpot_d if s.decode_running else 0.0)
+    stall_p = prefill_remote / max(1.0, m.output_tokens / 2)
+    # the decodes it may stall are the whole requests on the prefill engine; the decode engine's are untouched
+    whole = Prediction(prefill_remote + tpot_p, tpot_p,
+                       max(tpot_p + stall_p if s.prefill_ahead else 0.0, tpot_d if s.decode_running else 0.0))
     return {"decode_local": local, "prefill_whole": whole, "pd": pd}
 
 
@@ -130,20 +139,27 @@ def decide(m: Measurements, s: Situation) -> Decision:
     """The way for one request, and why (the reason the metric counts):
 
     * ``warmup``: too few measurements yet: P/D, as ``always`` would;
-    * ``cheapest``: the cheapest way meets every SLO;
-    * ``<way>_<slo>``: a cheaper way was turned down (the cheapest one's reason: ``ttft``,
-      ``tpot``, ``running_tpot``, or ``no_room`` for a prefill engine without room);
+    * ``cheapest``: whole on the decode engine meets every SLO, with the most slack;
+    * ``least_loaded``: whole on the prefill engine, which meets every SLO with more slack
+      than the decode engine;
+    * ``<way>_<slo>``: a cheaper way was turned down (the decode engine's reason: ``ttft``,
+      ``tpot``, ``running_tpot``);
     * ``best_effort``: no way meets every SLO: the one that misses by the least.
     """
     if not m.ready:
         return Decision("pd", "warmup")
     preds = predict(m, s)
-    turned_down: Optional[str] = None
-    for way in WAYS:
-        why = "no_room" if way == "prefill_whole" and not s.prefill_room else preds[way].miss(s)
-        if why is None:
-            return Decision(way, "cheapest" if turned_down is None else turned_down, preds)
-        turned_down = turned_down or f"{way}_{why}"
     allowed = [w for w in WAYS if w != "prefill_whole" or s.prefill_room]
-    best = min(allowed, key=lambda w: (preds[w].overshoot(s), WAYS.index(w)))
-    return Decision(best, "best_effort", preds)
+    meets = [w for w in allowed if preds[w].miss(s) is None]
+    whole = [w for w in meets if w in WHOLE]
+    slack = lambda w: (preds[w].overshoot(s), WAYS.index(w))  # noqa: E731
+    local_miss = preds["decode_local"].miss(s)
+    turned_down = None if local_miss is None else f"decode_local_{local_miss}"
+    if whole:
+        best = min(whole, key=slack)
+        if best == "decode_local":
+            return Decision(best, "cheapest", preds)
+        return Decision(best, turned_down or "least_loaded", preds)
+    if "pd" in meets:
+        return Decision("pd", turned_down, preds)
+    return Decision(min(allowed, key=slack), "best_effort", preds)

@@ -4,9 +4,10 @@ request into a prefill and a decode leg (router/decider.py).
 * ``always``: every request P/D (the default);
 * ``never``: every request whole on a decode engine (prefilled there), a prefill engine if no
   decode engine is healthy;
-* ``adaptive``: per request, from live measurements (router/measure.py): P/D, whole on the
-  chosen decode engine, or whole on a prefill engine with room, whichever meets the SLOs at
-  the least cost.
+* ``adaptive``: per request, from live measurements (router/measure.py): whole on the chosen
+  decode engine or on the chosen prefill engine (whichever meets the SLOs with more slack), or
+  P/D when neither whole way meets them. Both pools' engines then serve whole requests, so
+  admission counts both pools' sequences as capacity.
 
 This module imports only pydantic, so any layer may read it (tests/test_import_contract.py).
 """
@@ -31,5 +32,6 @@ class DeciderSpec(BaseModel):
     slo_headroom: float = Field(0.8, gt=0, le=1)
     # A prefill engine has room for a whole request while it has fewer requests than this
     # (running and queued, or this router's calls in flight if more) and its KV cache usage is
-    # below router.decode_kv_headroom. 0: never whole on a prefill engine.
-    prefill_whole_max_running: int = Field(1, ge=0)
+    # below router.decode_kv_headroom. 0: never whole on a prefill engine. The decider's
+    # predictions already count what a prefill engine runs; this only bounds it.
+    prefill_whole_max_running: int = Field(32, ge=0)

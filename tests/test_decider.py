@@ -149,3 +149,35 @@ def test_the_prefill_busy_share_comes_from_prefill_time_per_poll_interval():
     now[0] = 1.0
     m.poll(prefill_replicas=2)
     assert m.snapshot().prefill_busy == pytest.approx(0.4)  # 0.8 s of prefill over 2 engine-seconds
+
+
+# ---------------------------------------------------------------------------- both pools serve whole
+
+
+def test_of_two_whole_ways_that_meet_the_slos_the_less_loaded_engine_wins():
+    # the decode engine runs 30 decodes (40 ms steps: tight on a 50 ms TPOT); the prefill engine 2
+    d = decide(M, situation(decode_running=30, prefill_ahead=2, prefill_room=True, tpot_slo_s=0.1,
+                            running_tpot_slo_s=0.1))
+    assert (d.way, d.reason) == ("prefill_whole", "least_loaded")
+    # on an idle cluster the two tie, and the tie goes to the decode engine
+    assert decide(M, situation(prefill_room=True)).way == "decode_local"
+
+
+def test_a_whole_prefill_on_the_prefill_engine_stalls_the_decodes_it_runs():
+    alone = predict(SHORT, situation(prompt_tokens=6000, prefill_room=True))["prefill_whole"]
+    shared = predict(SHORT, situation(prompt_tokens=6000, prefill_room=True, prefill_ahead=1))["prefill_whole"]
+    assert alone.running_tpot_s == 0.0
+    assert shared.running_tpot_s > SLO["running_tpot_slo_s"]  # 2 x 305 ms spread over 10 tokens
+
+
+def test_admission_counts_the_prefill_pool_when_adaptive_serves_whole_there():
+    from pdserve.router.core import Router
+    from pdserve.settings.cluster import load_config
+
+    cfg = load_config("configs/cpu-pd.yaml")
+    assert Router.serving_replicas(cfg) == cfg.decode.max_replicas
+    adaptive = cfg.model_copy(update={"router": cfg.router.model_copy(update={"disaggregation": "adaptive"})})
+    assert Router.serving_replicas(adaptive) == cfg.decode.max_replicas + cfg.prefill.max_replicas
+    no_room = adaptive.router.decider.model_copy(update={"prefill_whole_max_running": 0})
+    pinned = adaptive.model_copy(update={"router": adaptive.router.model_copy(update={"decider": no_room})})
+    assert Router.serving_replicas(pinned) == cfg.decode.max_replicas
