@@ -12,6 +12,17 @@ pdserve runs monolithic (config ``--config``, shrunk to one replica on ``--core`
 off): one Ray Serve router replica in front of one engine replica. vLLM's server gets the engine
 settings and engine environment pdserve's engines run with (bench/vllm_server.py), so the
 difference is the serving path: the router, Ray Serve's handle calls and the replica's stream.
+
+Where vLLM's server runs (``--vllm-placements``, each run every round):
+
+* ``confined``: every process of the server on ``--core``, as every process of a pdserve engine
+  replica (its Ray worker, vLLM's engine frontend, the engine) runs on its core set: the
+  like-for-like comparison of the serving path;
+* ``free``: only the engine's compute bound to ``--core`` (VLLM_CPU_OMP_THREADS_BIND), its HTTP
+  front and engine frontend free to run on any core, as ``vllm serve`` runs by default. Next to
+  it pdserve also pays for confining its replica's frontend to the engine's core.
+
+pdserve's router is not confined in either: it is the serving path being measured.
 """
 from __future__ import annotations
 
@@ -66,10 +77,13 @@ def one_engine(cfg, core: int):
     return cfg.model_copy(update={"mode": "monolithic", "monolithic": mono})
 
 
-def run_vllm(cfg, core: int, client: dict[str, Any], log_path: str) -> dict[str, Any]:
+PLACEMENTS = ("confined", "free")
+
+
+def run_vllm(cfg, core: int, client: dict[str, Any], log_path: str, placement: str = "confined") -> dict[str, Any]:
     from pdserve.bench.vllm_server import VllmServer
 
-    with VllmServer(cfg, core=core, log_path=log_path) as server:
+    with VllmServer(cfg, core=core, log_path=log_path, confined=placement == "confined") as server:
         return vllm_bench_serve(server.url, cfg.model.served_name, **client)
 
 
@@ -86,19 +100,30 @@ def run_pdserve(cfg, client: dict[str, Any]) -> dict[str, Any]:
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    medians = {arm: {k: statistics.median(r[k] for r in rs) for k in FIGURES} for arm, rs in runs.items()}
-    ratios = {k: medians["pdserve"][k] / medians["vllm"][k] for k in FIGURES if medians["vllm"][k]}
-    return {"runs": runs, "medians": medians, "ratios": ratios}
+    """Medians of each arm's runs, and pdserve over each vLLM arm (``vllm-<placement>``)."""
+    medians = {arm: {k: statistics.median(r[k] for r in rs) for k in FIGURES} for arm, rs in runs.items() if rs}
+    ratios = {arm: {k: medians["pdserve"][k] / m[k] for k in FIGURES if m[k]}
+              for arm, m in medians.items() if arm != "pdserve"}
+    # Each round's pdserve run over the same round's vLLM run, the median over rounds: runs next
+    # to each other share the machine's speed, which drifts over minutes on a shared machine.
+    paired = {arm: {k: statistics.median(p[k] / v[k] for p, v in zip(runs["pdserve"], rs) if v[k])
+                    for k in FIGURES}
+              for arm, rs in runs.items() if arm != "pdserve" and rs and runs["pdserve"]}
+    return {"runs": runs, "medians": medians, "ratios": ratios, "paired_ratios": paired}
 
 
 def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"\nvLLM bench serve, chat, {args.input_len} in / {args.output_len} out, Poisson {args.rate}/s, "
           f"{args.num_prompts} prompts per run, engine on core {args.core}, client on core {args.client_core}")
-    print(f"{'run':<12}" + "".join(f"{k:>16}" for k in FIGURES))
+    print(f"{'run':<22}" + "".join(f"{k:>16}" for k in FIGURES))
     for arm, rs in report["runs"].items():
         for i, r in enumerate(rs):
-            print(f"{arm + ' ' + str(i + 1):<12}" + "".join(f"{r[k]:>16.1f}" for k in FIGURES))
-    print(f"{'pdserve/vLLM':<12}" + "".join(f"{report['ratios'].get(k, float('nan')):>15.2f}x" for k in FIGURES))
+            print(f"{arm + ' ' + str(i + 1):<22}" + "".join(f"{r[k]:>16.1f}" for k in FIGURES))
+    for arm, ratios in report["ratios"].items():
+        print(f"{'pdserve/' + arm:<22}" + "".join(f"{ratios.get(k, float('nan')):>15.2f}x" for k in FIGURES))
+    print("each round's ratio, the median over rounds:")
+    for arm, ratios in report["paired_ratios"].items():
+        print(f"{'pdserve/' + arm:<22}" + "".join(f"{ratios.get(k, float('nan')):>15.2f}x" for k in FIGURES))
     print("goals: median TTFT <= 1.10x, median TPOT <= 1.05x")
 
 
@@ -116,22 +141,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vllm-placements", default=",".join(PLACEMENTS),
+                   help="where vLLM's server runs, each every round: confined (all on --core), free")
     p.add_argument("--json", default=None, help="also write the report here")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.num_prompts < 1 or args.rate <= 0:
         p.error("--rounds and --num-prompts must be >= 1 and --rate > 0")
+    placements = [x.strip() for x in args.vllm_placements.split(",") if x.strip()]
+    if not placements or set(placements) - set(PLACEMENTS):
+        p.error(f"--vllm-placements: a comma-separated subset of {','.join(PLACEMENTS)}, got {args.vllm_placements!r}")
     cfg = one_engine(load_config(args.config), args.core)
     client = dict(tokenizer=resolve_model(cfg.model.path), num_prompts=args.num_prompts, rate=args.rate,
                   input_len=args.input_len, output_len=args.output_len, seed=args.seed,
                   client_core=None if args.client_core < 0 else args.client_core)
-    runs: dict[str, list[dict[str, Any]]] = {"vllm": [], "pdserve": []}
+    runs: dict[str, list[dict[str, Any]]] = {**{f"vllm-{x}": [] for x in placements}, "pdserve": []}
     log = os.path.abspath("serving_cost_vllm_server.log")
+
+    def record(arm: str, result: dict[str, Any], i: int) -> None:
+        runs[arm].append(result)
+        print(f"round {i + 1}: {arm:<14} " + json.dumps({k: round(result[k], 1) for k in FIGURES}), flush=True)
+
     for i in range(args.rounds):
-        runs["vllm"].append(run_vllm(cfg, args.core, client, log))
-        print(f"round {i + 1}: vLLM   " + json.dumps({k: round(runs['vllm'][-1][k], 1) for k in FIGURES}), flush=True)
-        runs["pdserve"].append(run_pdserve(cfg, client))
-        print(f"round {i + 1}: pdserve " + json.dumps({k: round(runs['pdserve'][-1][k], 1) for k in FIGURES}),
-              flush=True)
+        for x in placements:
+            record(f"vllm-{x}", run_vllm(cfg, args.core, client, log, x), i)
+        record("pdserve", run_pdserve(cfg, client), i)
     report = summarize(runs)
     print_report(report, args)
     if args.json:

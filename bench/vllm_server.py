@@ -73,8 +73,13 @@ def server_command(cfg: "ClusterConfig", port: int, host: str = "127.0.0.1") -> 
     return args
 
 
-def server_env(cfg: "ClusterConfig", core: Optional[int], pdserve_env: bool = True) -> dict[str, str]:
+def server_env(cfg: "ClusterConfig", core: Optional[int], pdserve_env: bool = True,
+               confined: bool = False) -> dict[str, str]:
+    """The server's environment. ``confined`` (with ``pdserve_env`` and a ``core``): every process
+    of the server, its HTTP front and engine frontend too, runs on ``core``, as every process of a
+    pdserve engine replica runs on its core set; otherwise only the engine's compute is bound."""
     env = dict(os.environ)
+    env.pop("PDSERVE_CORE_SET", None)
     if cfg.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.engine.cpu_kv_cache_gib)
         if core is not None:
@@ -86,6 +91,8 @@ def server_env(cfg: "ClusterConfig", core: Optional[int], pdserve_env: bool = Tr
         env["PDSERVE_MQ_NO_SPIN"] = "1"
         if cfg.device == "cpu":
             env["PDSERVE_CPU_NO_AMX"] = "0" if cfg.engine.cpu_amx_attention else "1"
+        if confined and core is not None:
+            env["PDSERVE_CORE_SET"] = str(core)
     return env
 
 
@@ -93,8 +100,9 @@ class VllmServer:
     """vLLM's own OpenAI server as a subprocess; ``with VllmServer(cfg) as s: s.url``."""
 
     def __init__(self, cfg: "ClusterConfig", core: Optional[int] = 0, port: Optional[int] = None,
-                 log_path: Optional[str] = None, pdserve_env: bool = True) -> None:
+                 log_path: Optional[str] = None, pdserve_env: bool = True, confined: bool = False) -> None:
         self.cfg = cfg
+        self.confined = confined
         self.core = core
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -106,7 +114,7 @@ class VllmServer:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(server_command(self.cfg, self.port), env=server_env(
-                self.cfg, self.core, self.pdserve_env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                self.cfg, self.core, self.pdserve_env, self.confined), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         finally:
             if self.log_path:
                 log.close()

@@ -23,7 +23,12 @@ def test_ratios_are_pdserve_over_vllm_of_the_run_medians():
     def run(ttft, tpot):
         return {k: (ttft if "ttft" in k else tpot) for k in FIGURES}
 
-    report = summarize({"vllm": [run(20, 5), run(30, 5), run(25, 6)], "pdserve": [run(33, 6), run(27, 5.5)]})
-    assert report["medians"]["vllm"]["median_ttft_ms"] == 25
-    assert report["ratios"]["median_ttft_ms"] == pytest.approx(30 / 25)
-    assert report["ratios"]["median_tpot_ms"] == pytest.approx(5.75 / 5)
+    report = summarize({"vllm-confined": [run(20, 5), run(30, 5), run(25, 6)], "vllm-free": [run(20, 4)],
+                        "pdserve": [run(33, 6), run(27, 5.5)]})
+    assert report["medians"]["vllm-confined"]["median_ttft_ms"] == 25
+    assert report["ratios"]["vllm-confined"]["median_ttft_ms"] == pytest.approx(30 / 25)
+    assert report["ratios"]["vllm-confined"]["median_tpot_ms"] == pytest.approx(5.75 / 5)
+    assert report["ratios"]["vllm-free"]["median_tpot_ms"] == pytest.approx(5.75 / 4)
+    assert set(report["ratios"]) == {"vllm-confined", "vllm-free"}
+    # per round: 33/20 and 27/30, median of the two
+    assert report["paired_ratios"]["vllm-confined"]["median_ttft_ms"] == pytest.approx((33 / 20 + 27 / 30) / 2)

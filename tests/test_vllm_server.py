@@ -40,3 +40,10 @@ def test_the_engine_runs_on_the_given_core_with_the_configs_kv_cache_and_attenti
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1" and env["VLLM_CPU_KVCACHE_SPACE"] == str(cfg.engine.cpu_kv_cache_gib)
     assert env["PDSERVE_CPU_NO_AMX"] == "1" and "child_guard" in env["PYTHONPATH"]
     assert "PDSERVE_CPU_NO_AMX" not in server_env(cfg, core=1, pdserve_env=False)
+
+
+def test_a_confined_server_runs_every_process_on_the_core_as_a_pdserve_replica_does():
+    cfg = _cfg()
+    assert server_env(cfg, core=1, confined=True)["PDSERVE_CORE_SET"] == "1"
+    assert "PDSERVE_CORE_SET" not in server_env(cfg, core=1)  # only the engine's compute is bound
+    assert "PDSERVE_CORE_SET" not in server_env(cfg, core=1, pdserve_env=False, confined=True)  # no guard to apply it
