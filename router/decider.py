@@ -130,8 +130,7 @@ def predict(m: Measurements, s: Situation) -> dict[str, Prediction]:
     tpot_p = step.at(s.prefill_ahead + 1) / (1 - min(0.9, max(0.0, m.prefill_busy)))
     stall_p = prefill_remote / max(1.0, m.output_tokens / 2)
     # the decodes it may stall are the whole requests on the prefill engine; the decode engine's are untouched
-    whole = Prediction(prefill_remote + tpot_p, tpot_p,
-                       max(tpot_p + stall_p if s.prefill_ahead else 0.0, tpot_d if s.decode_running else 0.0))
+    whole = Prediction(prefill_remote + tpot_p, tpot_p, tpot_p + stall_p if s.prefill_ahead else 0.0)
     return {"decode_local": local, "prefill_whole": whole, "pd": pd}
 
 

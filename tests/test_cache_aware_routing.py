@@ -224,10 +224,30 @@ def test_adaptive_splits_a_request_whose_local_prefill_would_miss_ttft():
     c = cluster(disaggregation="adaptive")
     warm(c, prefill_s_per_token=1e-5, step_s=0.005)
     c.router.disaggregator.measure.prefill["decode"].add(100, 10.0)  # decode engines prefill very slowly
+    full = c.cfg.router.decider.prefill_whole_max_running
     for rid in ("p0", "p1"):
-        c.state(rid).load["running"] = 3  # no prefill engine has room for a whole request
+        c.state(rid).load["running"] = full  # no prefill engine has room for a whole request
     r = run(c.serve(BODY, endpoint="completions"))
     assert (r.headers["x-pdserve-path"], r.headers["x-pdserve-decision"]) == ("pd", "decode_local_ttft")
+
+
+def test_adaptive_serves_whole_on_a_prefill_engine_less_loaded_than_the_decode_engines():
+    c = cluster(disaggregation="adaptive")
+    warm(c, prefill_s_per_token=1e-5, step_s=0.005)
+    c.router.disaggregator.measure.decoded(0.040, running=40, output_tokens=4)  # steps grow with decodes
+    for rid in ("d0", "d1"):
+        c.state(rid).load["running"] = 30  # 32 ms steps: within the 50 ms TPOT SLO, less slack than idle
+    r = run(c.serve(BODY, endpoint="completions"))
+    assert (r.headers["x-pdserve-path"], r.headers["x-pdserve-decision"]) == ("prefill_whole", "least_loaded")
+    p = r.headers["x-pdserve-engine-replica"]
+    assert p in ("p0", "p1")
+    (_, body), = c.engines[p].calls[-1:]
+    assert "kv_transfer_params" not in body  # whole on the prefill engine: no KV to hand off
+    assert not c.engines["d0"].calls and not c.engines["d1"].calls
+    for rid in ("d0", "d1"):
+        c.state(rid).load["running"] = 40  # 41 ms steps: past 80 % of the TPOT SLO
+    r = run(c.serve(BODY, endpoint="completions"))
+    assert (r.headers["x-pdserve-path"], r.headers["x-pdserve-decision"]) == ("prefill_whole", "decode_local_tpot")
 
 
 def test_served_requests_feed_the_measurements_the_decider_reads():
