@@ -2,8 +2,8 @@
 
 It is one local Ray cluster with three Ray Serve applications built from the shipped
 configs, each router on its own port: the P/D app from configs/cpu-pd.yaml (NIXL), the P/D
-app from configs/cpu-pd-grpc.yaml (our gRPC KV stream, with a short lease and deadline so
-the failure tests run quickly), and a one-replica monolithic app (configs/cpu-monolithic.yaml,
+app from configs/cpu-pd-grpc.yaml (our gRPC KV stream, with a short lease, deadline and
+prefill timeout so the failure tests run quickly), and a one-replica monolithic app (configs/cpu-monolithic.yaml,
 shrunk to one engine), and the P/D app from configs/cpu-pd-tenants.yaml (auth, admission and
 the degradation ladder on; one extra test-only tenant that may not use the served model). All load the built-in tiny model with the same seeded dummy weights,
 so greedy outputs must agree. The three apps of the shipped configs run vLLM's serving layer with
@@ -73,7 +73,9 @@ def clusters():
     kv = grpc_cfg.kv_transfer
     grpc_cfg = grpc_cfg.model_copy(update={
         "name": "pdgrpc",
-        "router": grpc_cfg.router.model_copy(update={"port": grpc_port}),
+        # 10 s, not the default 30: the prefill-timeout test waits this long for its answer; still
+        # well past the two 2 s load-poll timeouts that give up a silent replica first
+        "router": grpc_cfg.router.model_copy(update={"port": grpc_port, "prefill_timeout_s": 10.0}),
         "kv_transfer": kv.model_copy(update={
             "side_channel_base_port": kv.side_channel_base_port + 300,
             "lease_seconds": 4,

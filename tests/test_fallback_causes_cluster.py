@@ -7,7 +7,7 @@ Each failure is produced in the processes themselves, never in the router's logi
 * ``prefill_replica_lost``: the prefill replica's process is stopped just before a request
   arrives; its prefill leg waits on a silent replica until the load polls give it up.
 * ``prefill_timeout``: the prefill *engine core* is stopped while its replica goes on
-  answering load polls: the leg outlives ``router.prefill_timeout_s`` (30 s, the default).
+  answering load polls: the leg outlives ``router.prefill_timeout_s`` (10 s in the test cluster).
 * ``prefill_error``: the prefill engine core is stopped so the leg is in flight, then the
   router's direct connection to the prefill replica is destroyed (``ss -K``): a dropped
   connection before any answer.
@@ -166,7 +166,7 @@ def test_prefill_replica_lost(clusters):
     try:
         # The router still counts it healthy (it takes two poll timeouts to notice): the
         # prefill leg goes to the silent replica and waits until the polls give it up
-        # (the cause says so: a leg given up by the 30 s prefill timeout is prefill_timeout).
+        # (the cause says so: a leg given up by the 10 s prefill timeout is prefill_timeout).
         r = post(url, "/v1/chat/completions", body)
     finally:
         os.kill(pid, signal.SIGCONT)

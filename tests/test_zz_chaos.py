@@ -1,5 +1,5 @@
 """Chaos under load, for each KV transport: KV links are killed and healed again and again and
-the prefill replica's process is killed, while 200 streamed chat requests run 8 at a time.
+the prefill replica's process is killed, while 120 streamed chat requests run 8 at a time.
 
 Every request must come back 200 with its full greedy output (equal to monolithic serving),
 none lost; after healing, traffic returns to P/D and the prefill engine holds no KV.
@@ -42,7 +42,7 @@ def _streamed_tokens(url: str, body: dict) -> tuple[int, list[int], str, str | N
 
 
 
-def run_chaos(url: str, mono_url: str, requests: int = 200, concurrency: int = 8, link_rounds: int = 3,
+def run_chaos(url: str, mono_url: str, requests: int = 120, concurrency: int = 8, link_rounds: int = 3,
               lease_s: float = 30) -> Counter:
     expected = {p: post(mono_url, "/v1/chat/completions", chat_body(p, MAX_TOKENS)).json()["choices"][0]["token_ids"]
                 for p in PROMPTS}
