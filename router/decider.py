@@ -17,8 +17,8 @@ each prediction is within ``headroom`` of its SLO (the request's class SLO; the 
 class's TPOT for the running decodes, whose classes the router does not track per engine).
 Of the two whole ways that meet them, the one with the most slack wins (the smaller largest
 ratio of prediction to SLO: in effect the less loaded engine, counting what each caches); P/D
-only when neither whole way meets them and P/D does; when no way does, the way that misses
-by the least ratio. Only cached tokens
+only when neither whole way meets them and P/D does; when no way does, the whole way that
+misses by the least ratio (P/D spends more of an overloaded cluster per request). Only cached tokens
 (router/prefix_index.py) are left out of a prefill: a decode engine that already holds most
 of a conversation prefills the rest quickly, so repeat turns stay local.
 
@@ -120,17 +120,18 @@ def predict(m: Measurements, s: Situation) -> dict[str, Prediction]:
     first_d = tpot_d  # the first output token is one decode step
 
     prefill_remote = p_line.at(n - s.prefill_cached) * (1 + s.prefill_ahead)
+    tpot_p = step.at(s.prefill_ahead + 1) / (1 - min(0.9, max(0.0, m.prefill_busy)))
+    # a prefill on the prefill engine stalls the whole requests decoding there (any way that uses it)
+    stall_p = tpot_p + prefill_remote / max(1.0, m.output_tokens / 2) if s.prefill_ahead else 0.0
     transfer = m.transfer.at((n - s.decode_cached) * s.kv_bytes_per_token)
-    pd = Prediction(prefill_remote + transfer + first_d, tpot_d, tpot_d if s.decode_running else 0.0)
+    pd = Prediction(prefill_remote + transfer + first_d, tpot_d, max(tpot_d if s.decode_running else 0.0, stall_p))
 
     prefill_local = d_line.at(n - s.decode_cached) * (1 + s.decode_waiting)
     stall = prefill_local / max(1.0, m.output_tokens / 2)
     local = Prediction(prefill_local + first_d, tpot_d, tpot_d + stall if s.decode_running else 0.0)
 
-    tpot_p = step.at(s.prefill_ahead + 1) / (1 - min(0.9, max(0.0, m.prefill_busy)))
-    stall_p = prefill_remote / max(1.0, m.output_tokens / 2)
-    # the decodes it may stall are the whole requests on the prefill engine; the decode engine's are untouched
-    whole = Prediction(prefill_remote + tpot_p, tpot_p, tpot_p + stall_p if s.prefill_ahead else 0.0)
+    # the decode engine's decodes are untouched
+    whole = Prediction(prefill_remote + tpot_p, tpot_p, stall_p)
     return {"decode_local": local, "prefill_whole": whole, "pd": pd}
 
 
@@ -143,7 +144,8 @@ def decide(m: Measurements, s: Situation) -> Decision:
       than the decode engine;
     * ``<way>_<slo>``: a cheaper way was turned down (the decode engine's reason: ``ttft``,
       ``tpot``, ``running_tpot``);
-    * ``best_effort``: no way meets every SLO: the one that misses by the least.
+    * ``best_effort``: no way meets every SLO: the whole way that misses by the least (an
+      overloaded cluster has no capacity to spare for P/D's extra work).
     """
     if not m.ready:
         return Decision("pd", "warmup")
@@ -161,4 +163,6 @@ def decide(m: Measurements, s: Situation) -> Decision:
         return Decision(best, turned_down or "least_loaded", preds)
     if "pd" in meets:
         return Decision("pd", turned_down, preds)
-    return Decision(min(allowed, key=slack), "best_effort", preds)
+    # Past every SLO the cluster is overloaded, and P/D spends more of it per request (a prefill
+    # on one engine, the KV transfer, the decode on another): the whole way that misses least.
+    return Decision(min((w for w in allowed if w in WHOLE), key=slack), "best_effort", preds)

@@ -224,9 +224,8 @@ def test_adaptive_splits_a_request_whose_local_prefill_would_miss_ttft():
     c = cluster(disaggregation="adaptive")
     warm(c, prefill_s_per_token=1e-5, step_s=0.005)
     c.router.disaggregator.measure.prefill["decode"].add(100, 10.0)  # decode engines prefill very slowly
-    full = c.cfg.router.decider.prefill_whole_max_running
-    for rid in ("p0", "p1"):
-        c.state(rid).load["running"] = full  # no prefill engine has room for a whole request
+    for rid in ("p0", "p1"):  # no prefill engine has room for a whole request: its KV cache is full
+        c.state(rid).load["kv_cache_usage"] = 0.99
     r = run(c.serve(BODY, endpoint="completions"))
     assert (r.headers["x-pdserve-path"], r.headers["x-pdserve-decision"]) == ("pd", "decode_local_ttft")
 

@@ -69,7 +69,23 @@ def test_a_slow_decode_step_misses_tpot_every_way_and_the_least_miss_wins():
     d = decide(slow, situation(prefill_room=True, decode_running=2))
     assert d.reason == "best_effort"
     overshoot = {w: p.overshoot(situation(prefill_room=True, decode_running=2)) for w, p in d.predictions.items()}
-    assert overshoot[d.way] == min(overshoot.values())
+    assert d.way != "pd" and overshoot[d.way] == min(overshoot["decode_local"], overshoot["prefill_whole"])
+
+
+def test_past_every_slo_the_cheaper_whole_way_wins_even_where_pd_misses_by_less():
+    # the decode engine's steps miss TPOT whatever is done; P/D would add a transfer's work
+    slow = replace(M, decode_step=Line(0.060, 0.001))
+    s = situation(prompt_tokens=6000, decode_running=2, prefill_room=False)
+    d = decide(slow, s)
+    assert (d.way, d.reason) == ("decode_local", "best_effort")
+    assert d.predictions["pd"].overshoot(s) < d.predictions["decode_local"].overshoot(s)
+
+
+def test_a_pd_prefill_stalls_the_whole_requests_decoding_on_the_prefill_engine():
+    s = situation(prompt_tokens=6000, prefill_ahead=3)
+    pd, whole = (predict(SHORT, s)[w] for w in ("pd", "prefill_whole"))
+    assert pd.running_tpot_s == whole.running_tpot_s > SLO["running_tpot_slo_s"]
+    assert predict(SHORT, situation(prompt_tokens=6000))["pd"].running_tpot_s == 0.0
 
 
 def test_the_requests_class_slo_decides():
