@@ -22,7 +22,8 @@ Paths, and how each proves the request took it:
 * ``monolithic``: a monolithic cluster; ``x-pdserve-path: monolithic``;
 * ``fallback``: a P/D cluster with every KV link killed (the admin API's ``kill-links``, as
   ``pdserve chaos kill-links``; healed afterwards, also on failure); ``x-pdserve-path:
-  fallback``;
+  fallback``, or ``pd`` for a non-streamed answer that pulled no KV (its decode engine held the
+  whole prompt, so no link was used: ``pd_without_transfer``);
 * ``resume``: the shapes marked ``resume`` on a P/D cluster; after the first token arrives the
   decode replica is stopped (SIGSTOP), the router's token-stream connection to it destroyed
   (``ss -K``) and the replica continued, so the router resumes the stream on another engine;
@@ -129,9 +130,13 @@ class PathResult:
     mismatches: list[Mismatch] = field(default_factory=list)
     seconds: float = 0.0
     shape_seconds: dict[str, float] = field(default_factory=dict)
+    # fallback path: answers served P/D without a KV transfer (nothing to pull: the decode
+    # engine already cached the whole prompt), which a killed link cannot touch
+    no_transfer: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"path": self.path, "url": self.url, "ran": self.ran, "skipped": self.skipped,
+                "no_transfer": self.no_transfer,
                 "seconds": round(self.seconds, 1), "shape_seconds": self.shape_seconds,
                 "mismatches": [{"shape": m.shape, "lines": m.lines} for m in self.mismatches]}
 
@@ -180,9 +185,21 @@ def expected_path(kind: str, shape: Shape) -> Optional[str]:
     return {"pd": "pd", "fallback": "fallback", "resume": "pd"}[kind]
 
 
+def pd_without_transfer(got: Answer) -> bool:
+    """A P/D answer whose decode engine pulled no KV: it held the whole prompt in its own prefix
+    cache (e.g. from a fallback served there), so a killed link never came into play. Only a
+    non-streamed answer says so (``x-pdserve-kv-transfer``: absent, or ok with 0 bytes)."""
+    if got.headers.get("x-pdserve-path") != "pd" or "x-pdserve-prefill-ms" not in got.headers:
+        return False
+    kv = got.headers.get("x-pdserve-kv-transfer")
+    return kv is None or (kv.startswith("ok") and re.search(r"\bbytes=0\b", kv) is not None)
+
+
 def compare(shape: Shape, path: str, want: Answer, got: Answer, kind: str) -> Optional[Mismatch]:
     lines = differences(canonical(want), canonical(got))
     must = expected_path(kind, shape)
+    if kind == "fallback" and must == "fallback" and pd_without_transfer(got):
+        must = "pd"
     if must is not None and got.status == 200 and got.headers.get("x-pdserve-path") != must:
         lines.append(f"x-pdserve-path: {got.headers.get('x-pdserve-path')!r}, not {must!r} "
                      f"(cause: {got.headers.get('x-pdserve-fallback-cause') or got.headers.get('x-pdserve-monolithic-cause')})")
@@ -282,6 +299,8 @@ class Runner:
                     got = self._one(admin, kind, url, shape)
                     result.ran += 1
                     result.shape_seconds[shape.name] = got.note.get("seconds", 0.0)
+                    if kind == "fallback" and pd_without_transfer(got):
+                        result.no_transfer.append(shape.name)
                     bad = compare(shape, label, self.expected[shape.name], got, kind)
                     if bad is not None:
                         result.mismatches.append(bad)
@@ -361,8 +380,9 @@ def summary(results: list[PathResult], shapes: list[Shape]) -> str:
              f"{sum(s.stream for s in shapes)} streamed; {sum(s.bad for s in shapes)} bad inputs)"]
     for r in results:
         slowest = ", ".join(f"{n} {t:.1f} s" for n, t in sorted(r.shape_seconds.items(), key=lambda kv: -kv[1])[:3])
+        pd_ok = f"; {len(r.no_transfer)} served P/D with nothing to pull" if r.no_transfer else ""
         lines.append(f"  {r.path:16s} {r.ran:4d} run, {len(r.skipped):3d} skipped, {len(r.mismatches):3d} differ "
-                     f"({r.seconds:.1f} s; slowest: {slowest})")
+                     f"({r.seconds:.1f} s; slowest: {slowest}{pd_ok})")
     return "\n".join(lines)
 
 

@@ -148,3 +148,23 @@ def test_the_shape_sets_cover_every_option(shapes):
             assert s.stream and s.body.get("temperature") == 0 and not s.whole, s.name
         # every shape the resume path leaves out says why
         assert (s.resume_exclusion() is None) == s.resume, s.name
+
+
+def test_on_the_fallback_path_only_a_pd_answer_that_pulled_no_kv_may_stay_pd():
+    from pdserve.bench.fidelity import compare, pd_without_transfer
+
+    shape = by_name()["comp.prompt_logprobs.json"]
+    want = Answer(200, {}, _whole())
+
+    def answer(**headers):
+        return Answer(200, {"x-pdserve-path": "pd", "x-pdserve-prefill-ms": "3.1", **headers}, _whole())
+
+    cached = answer()  # the decode engine held the whole prompt: no pull, the link never used
+    zero = answer(**{"x-pdserve-kv-transfer": "ok; ms=0.10; bytes=0; mode=inline"})
+    pulled = answer(**{"x-pdserve-kv-transfer": "ok; ms=2.00; bytes=40960; mode=inline"})
+    streamed = Answer(200, {"x-pdserve-path": "pd"}, _whole())  # a stream says nothing of its pull
+    assert pd_without_transfer(cached) and pd_without_transfer(zero)
+    assert not pd_without_transfer(pulled) and not pd_without_transfer(streamed)
+    assert compare(shape, "fallback-grpc", want, cached, "fallback") is None
+    assert "not 'fallback'" in compare(shape, "fallback-grpc", want, pulled, "fallback").lines[-1]
+    assert "not 'fallback'" in compare(shape, "fallback-grpc", want, streamed, "fallback").lines[-1]
