@@ -10,6 +10,10 @@ import urllib.error
 import urllib.request
 
 
+SET_HELP = ("override one config key, a dotted path with a YAML value, e.g. router.disaggregation=always "
+            "(repeatable)")
+
+
 def _cmd_model(args) -> int:
     from pdserve.engine.tiny_model import BUILTIN_MODELS, write_tiny_model
 
@@ -29,7 +33,7 @@ def _cmd_serve(args) -> int:
               file=sys.stderr)
         return 2
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, args.set)
     except Exception as e:
         print(f"pdserve serve: bad config {args.config}: {e}", file=sys.stderr)
         return 2
@@ -98,7 +102,7 @@ def _print_status(status: dict) -> None:
 def _cmd_demo(args) -> int:
     from pdserve.cluster.demo import run_demo
 
-    return run_demo(args.config, args.port, args.exit)
+    return run_demo(args.config, args.port, args.exit, args.set)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--config", required=True)
     s.add_argument("--port", type=int, default=None)
     s.add_argument("--address", default=None, help="join an existing Ray cluster (default: start a local one)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     s.add_argument("--detach", action="store_true",
                    help="with --address: deploy, wait until healthy, and exit, leaving the application serving")
     s.set_defaults(fn=_cmd_serve)
@@ -117,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--config", default="configs/cpu-pd.yaml")
     d.add_argument("--port", type=int, default=None)
     d.add_argument("--exit", action="store_true", help="stop after the demo requests instead of serving on")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     d.set_defaults(fn=_cmd_demo)
 
     st = sub.add_parser("status", help="show pools, replicas and their load")

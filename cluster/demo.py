@@ -7,13 +7,17 @@ import threading
 import time
 
 
-def run_demo(config_path: str, port: int | None, exit_after: bool) -> int:
+def run_demo(config_path: str, port: int | None, exit_after: bool, overrides: list[str] = ()) -> int:
     from openai import OpenAI
 
     from pdserve.cluster.runtime import start_cluster, stop_cluster
     from pdserve.settings.cluster import load_config
 
-    cfg = load_config(config_path)
+    try:
+        cfg = load_config(config_path, overrides)
+    except Exception as e:
+        print(f"pdserve demo: bad config {config_path}: {e}", file=sys.stderr)
+        return 2
     print(f"pdserve demo: starting a {cfg.mode} cluster from {config_path} (first start builds the tiny model "
           "and takes about a minute)", flush=True)
     t0 = time.time()
@@ -26,8 +30,10 @@ def run_demo(config_path: str, port: int | None, exit_after: bool) -> int:
         raw = client.chat.completions.with_raw_response.create(model=cfg.model.served_name, messages=messages,
                                                                max_tokens=24, temperature=0)
         full = raw.parse()
+        decision = raw.headers.get("x-pdserve-decision")
         print("\n--- non-streamed chat completion "
-              f"(x-pdserve-path: {raw.headers.get('x-pdserve-path')}) ---")
+              f"(x-pdserve-path: {raw.headers.get('x-pdserve-path')}"
+              + (f", x-pdserve-decision: {decision}" if decision else "") + ") ---")
         print(f"content: {full.choices[0].message.content!r}")
         print(f"finish_reason={full.choices[0].finish_reason} usage={full.usage.model_dump(exclude_none=True)}")
         print("\n--- streamed chat completion ---")

@@ -10,7 +10,7 @@ Every model validates on load, so a bad config fails at startup with a message t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -21,6 +21,7 @@ from pdserve.fallback.config import FallbackSpec
 from pdserve.kv_transfer.config import KVTransferSpec
 from pdserve.lab.spec import LabSpec
 from pdserve.router.config import DEV_ADMIN_KEY, ABSplitSpec, AdminSpec, RouterSpec, SLOSpec, is_loopback
+from pdserve.settings.overrides import layered, merge
 
 
 class _Strict(BaseModel):
@@ -158,11 +159,14 @@ class ClusterConfig(_Strict):
                     owner[core] = where
 
 
-def load_config(path: str | Path) -> ClusterConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ClusterConfig:
+    """The config at ``path``, with ``KEY=VALUE`` overrides (settings/overrides.py) laid on it."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
     data = yaml.safe_load(p.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{p}: top level must be a mapping")
+    if overrides:
+        data = merge(data, layered(list(overrides)))
     return ClusterConfig.model_validate(data)

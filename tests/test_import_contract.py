@@ -61,6 +61,7 @@ CONFIG_MODULES = {
     "pdserve.router.selection_config",
     "pdserve.settings",
     "pdserve.settings.cluster",
+    "pdserve.settings.overrides",
 }
 
 # The package of the whole config. It holds config modules only (a test checks), so importing it
