@@ -5,7 +5,8 @@ The four arms of the cache-aware routing comparison, all on the same two cores:
     mono-least-loaded   configs/cpu-monolithic.yaml as shipped (two full engines; least loaded)
     mono-cache-aware    the same, the monolithic pool picking by the prefix scorer against load
     pd-always           configs/cpu-pd.yaml, every request P/D, least-loaded pools
-    pd-adaptive         configs/cpu-pd.yaml, router.disaggregation adaptive, prefix scorer in both pools
+    pd-adaptive         configs/cpu-pd.yaml as shipped: router.disaggregation adaptive, prefix
+                        scorer in both pools
 
 Every engine runs vLLM's prefix cache in all four (pdserve's default, ``enable_prefix_caching``);
 what differs is whether the router routes by it. The prefix scorer's weight is 2, the example
@@ -25,13 +26,13 @@ from typing import Any, Optional
 import yaml
 
 from pdserve.settings.cluster import ClusterConfig
+from pdserve.settings.overrides import OverrideError, merge, parse_override
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PREFIX_WEIGHT = 2.0
 
 _PREFIX = {"name": "prefix", "weight": PREFIX_WEIGHT}
 _CACHE_AWARE_FULL = {"filters": ["healthy", "kv_headroom"], "scorers": [_PREFIX, "queue", "kv_usage"]}
-_CACHE_AWARE_PREFILL = {"filters": ["healthy"], "scorers": [_PREFIX, "queue"]}
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,10 @@ ARMS: dict[str, ArmDef] = {a.name: a for a in (
     ArmDef("mono-least-loaded", "monolithic least-loaded", "cpu-monolithic.yaml"),
     ArmDef("mono-cache-aware", "monolithic cache-aware", "cpu-monolithic.yaml",
            {"engine": {"enable_prefix_caching": True}, "router": {"selection": {"monolithic": _CACHE_AWARE_FULL}}}),
-    ArmDef("pd-always", "P/D always, least-loaded", "cpu-pd.yaml", {"router": {"disaggregation": "always"}}),
-    ArmDef("pd-adaptive", "P/D adaptive + cache-aware", "cpu-pd.yaml",
-           {"engine": {"enable_prefix_caching": True},
-            "router": {"disaggregation": "adaptive",
-                       "selection": {"prefill": _CACHE_AWARE_PREFILL, "decode": _CACHE_AWARE_FULL}}}),
+    # null: the pool's default pipeline (least loaded), in place of the shipped prefix scorer
+    ArmDef("pd-always", "P/D always, least-loaded", "cpu-pd.yaml",
+           {"router": {"disaggregation": "always", "selection": {"prefill": None, "decode": None}}}),
+    ArmDef("pd-adaptive", "P/D adaptive + cache-aware", "cpu-pd.yaml"),  # as shipped
 )}
 
 
@@ -79,33 +79,6 @@ class Arm:
     text: str  # the config that runs, as YAML
 
 
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``over`` laid on top: mappings merge key by key, anything else is replaced."""
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def parse_override(text: str) -> dict[str, Any]:
-    """``"router.disaggregation=adaptive"`` -> ``{"router": {"disaggregation": "adaptive"}}``
-    (the value read as YAML, so numbers, lists and mappings work)."""
-    key, sep, raw = text.partition("=")
-    parts = key.strip().split(".")
-    if not sep or not all(parts):
-        raise ArmError(f"override {text!r} is not KEY=VALUE with a dotted KEY, e.g. router.disaggregation=adaptive")
-    try:
-        value: Any = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise ArmError(f"override {text!r}: the value is not YAML ({e})") from None
-    for part in reversed(parts):
-        value = {part: value}
-    return value
-
-
 def shown(path: Path) -> str:
     """``path`` relative to the repository when it lies inside it."""
     try:
@@ -130,8 +103,11 @@ def resolve(spec: str, overrides: Optional[list[str]] = None, name: Optional[str
     if not isinstance(data, dict):
         raise ArmError(f"arm {spec!r}: {path} is not a mapping")
     layered: dict[str, Any] = copy.deepcopy(data_over)
-    for text in overrides or []:
-        layered = merge(layered, parse_override(text))
+    try:
+        for text in overrides or []:
+            layered = merge(layered, parse_override(text))
+    except OverrideError as e:
+        raise ArmError(str(e)) from None
     merged = merge(data, layered)
     try:
         cfg = ClusterConfig.model_validate(merged)

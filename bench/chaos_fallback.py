@@ -24,6 +24,7 @@ from pdserve.bench.loadgen import LoadSpec, open_session, run_load, warm_up
 from pdserve.bench.pd_vs_mono import ROOT, _free_port, make_requests
 
 ADMIN = {"Authorization": "Bearer pdserve-dev-admin"}
+PD_EVERY_REQUEST = ["router.disaggregation=always"]
 _CONFIGS = {"grpc": "cpu-pd-grpc.yaml", "nixl": "cpu-pd.yaml", "monolithic": "cpu-monolithic.yaml"}
 
 
@@ -61,7 +62,8 @@ def run_arm(name: str, requests, rate: float, kill_at, heal_at) -> dict:
     from pdserve.settings.cluster import load_config
 
     rt = runtime()
-    cfg = load_config(ROOT / "configs" / _CONFIGS[name])
+    # a P/D arm splits every request: the fallback under link kills is what is measured
+    cfg = load_config(ROOT / "configs" / _CONFIGS[name], PD_EVERY_REQUEST if name != "monolithic" else ())
     url = rt.start_cluster(cfg, port=_free_port())
     try:
         warm_up(url, "chat", cfg.model.served_name, make_requests(4, 200, 8, seed=99))

@@ -94,7 +94,7 @@ def cluster_transfers(transport: str, model: str, lengths: list[int], repeats: i
     from pdserve.settings.cluster import load_config
 
     rt = runtime()
-    cfg = load_config(ROOT / "configs" / _CONFIGS[transport])
+    cfg = load_config(ROOT / "configs" / _CONFIGS[transport], ["router.disaggregation=always"])  # every prompt moves
     if transport == "grpc-inline":
         grpc = cfg.kv_transfer.grpc.model_copy(update={"same_host_refs": False})
         cfg = cfg.model_copy(update={"kv_transfer": cfg.kv_transfer.model_copy(update={"grpc": grpc})})

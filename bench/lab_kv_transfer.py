@@ -92,7 +92,8 @@ def bench_config(raw: dict, *, name: str, port: int, side_channel_base_port: int
     cfg["model"] = {**cfg.get("model", {}), "path": f"builtin:{MODEL}", "max_model_len": MAX_MODEL_LEN}
     # one prefill step per prompt, as bench/kv_transfer.py
     cfg["engine"] = {**cfg.get("engine", {}), "max_num_batched_tokens": MAX_MODEL_LEN}
-    cfg["router"] = {**cfg.get("router", {}), "port": port}
+    # every request across the link being measured, whatever the shipped config decides
+    cfg["router"] = {**cfg.get("router", {}), "port": port, "disaggregation": "always"}
     cfg["kv_transfer"] = {**cfg.get("kv_transfer", {}), "side_channel_base_port": side_channel_base_port}
     return cfg
 

@@ -56,7 +56,10 @@ def run_cluster_arm(config: str, requests: list[SampleRequest], rate: float, war
     from pdserve.settings.cluster import load_config
 
     rt = runtime()
+    # the P/D arms split every request: this compares the P/D path itself with monolithic serving
     cfg = load_config(ROOT / "configs" / config)
+    if cfg.mode == "pd":
+        cfg = load_config(ROOT / "configs" / config, ["router.disaggregation=always"])
     url = rt.start_cluster(cfg, port=_free_port())
     try:
         warm_up(url, "chat", cfg.model.served_name, warmup)

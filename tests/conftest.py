@@ -1,13 +1,15 @@
 """One real cluster per test session, shared by every test marked ``cluster``.
 
-It is one local Ray cluster with three Ray Serve applications built from the shipped
-configs, each router on its own port: the P/D app from configs/cpu-pd.yaml (NIXL), the P/D
-app from configs/cpu-pd-grpc.yaml (our gRPC KV stream, with a short lease, deadline and
-prefill timeout so the failure tests run quickly), and a one-replica monolithic app (configs/cpu-monolithic.yaml,
+It is one local Ray cluster with four Ray Serve applications built from the shipped configs,
+each router on its own port: the P/D app from configs/cpu-pd.yaml (NIXL), the P/D app from
+configs/cpu-pd-grpc.yaml (our gRPC KV stream, with a short lease, deadline and prefill timeout
+so the failure tests run quickly), a one-replica monolithic app (configs/cpu-monolithic.yaml,
 shrunk to one engine), and the P/D app from configs/cpu-pd-tenants.yaml (auth, admission and
-the degradation ladder on; one extra test-only tenant that may not use the served model). All load the built-in tiny model with the same seeded dummy weights,
-so greedy outputs must agree. The three apps of the shipped configs run vLLM's serving layer with
-a tool-call parser (``TOOL_CALL_PARSER``), as the fidelity test needs.
+the degradation ladder on; one extra test-only tenant that may not use the served model). The
+P/D apps send every request P/D (``every_request_pd``). All load the built-in tiny model with
+the same seeded dummy weights, so greedy outputs must agree. The three apps of the shipped
+configs run vLLM's serving layer with a tool-call parser (``TOOL_CALL_PARSER``), as the fidelity
+test needs.
 """
 from __future__ import annotations
 
@@ -58,9 +60,9 @@ def clusters():
     from pdserve.engine.config import AutoscalingSpec
     from pdserve.settings.cluster import load_config
 
-    pd_cfg = with_tool_call_parser(load_config(CONFIGS / "cpu-pd.yaml"))
+    pd_cfg = every_request_pd(with_tool_call_parser(load_config(CONFIGS / "cpu-pd.yaml")))
     mono_cfg = with_tool_call_parser(load_config(CONFIGS / "cpu-monolithic.yaml"))
-    grpc_cfg = with_tool_call_parser(load_config(CONFIGS / "cpu-pd-grpc.yaml"))
+    grpc_cfg = every_request_pd(with_tool_call_parser(load_config(CONFIGS / "cpu-pd-grpc.yaml")))
     pd_port, mono_port, grpc_port = _free_port(), _free_port(), _free_port()
     pd_cfg = pd_cfg.model_copy(update={"router": pd_cfg.router.model_copy(update={"port": pd_port})})
     mono_cfg = mono_cfg.model_copy(update={
@@ -82,7 +84,7 @@ def clusters():
             "grpc": kv.grpc.model_copy(update={"deadline_s": 3.0}),
         }),
     })
-    tenants_cfg = tenants_config(load_config(CONFIGS / "cpu-pd-tenants.yaml"), _free_port())
+    tenants_cfg = tenants_config(every_request_pd(load_config(CONFIGS / "cpu-pd-tenants.yaml")), _free_port())
     # Ray counts logical CPUs; the apps share the two cores by design (tests run one at a time).
     runtime.start_ray(num_cpus=7)
     runtime.start_serve()
@@ -105,6 +107,14 @@ def clusters():
 # test (tests/test_fidelity.py) compares with vLLM's own server have one, as that server does.
 # "pythonic" reads any tokenizer's text (the tiny model has no tool-call tokens).
 TOOL_CALL_PARSER = "pythonic"
+
+
+def every_request_pd(cfg):
+    """The shipped P/D configs decide per request whether to split it (router.disaggregation
+    adaptive), and an idle cluster serves most requests whole. The cluster tests drive the P/D
+    path itself (KV transfer, its faults, fallback, resume), so their apps split every request;
+    the decider has its own tests (test_decider.py, test_cache_aware_routing.py)."""
+    return cfg.model_copy(update={"router": cfg.router.model_copy(update={"disaggregation": "always"})})
 
 
 def with_tool_call_parser(cfg):

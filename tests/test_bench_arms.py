@@ -31,11 +31,11 @@ def test_overrides_lay_dotted_yaml_values_on_a_config():
     assert parse_override("router.decider.min_samples=5") == {"router": {"decider": {"min_samples": 5}}}
     assert parse_override("slo={ttft_ms: 300}") == {"slo": {"ttft_ms": 300}}
     assert merge({"a": {"b": 1, "c": 2}, "d": [1]}, {"a": {"b": 3}, "d": [2]}) == {"a": {"b": 3, "c": 2}, "d": [2]}
-    arm = resolve("configs/cpu-pd.yaml", ["router.disaggregation=adaptive", "slo.ttft_ms=300"])
-    assert arm.cfg.router.disaggregation == "adaptive" and arm.cfg.slo.ttft_ms == 300
+    arm = resolve("configs/cpu-pd.yaml", ["router.disaggregation=always", "slo.ttft_ms=300"])
+    assert arm.cfg.router.disaggregation == "always" and arm.cfg.slo.ttft_ms == 300
     assert arm.cfg.slo.tpot_ms == 50  # untouched keys stay
-    assert arm.config_path == "configs/cpu-pd.yaml" and "router.disaggregation=adaptive" in arm.label
-    assert "disaggregation: adaptive" in arm.text
+    assert arm.config_path == "configs/cpu-pd.yaml" and "router.disaggregation=always" in arm.label
+    assert "disaggregation: always" in arm.text
     text = resolve("pd-adaptive").text  # both pools' prefix scorer written out, not as a YAML alias
     assert "&id" not in text and text.count("- name: prefix") == 2
     # overrides on a named arm go on top of its own

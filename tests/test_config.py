@@ -20,6 +20,15 @@ def test_shipped_configs_load(name):
     assert cfg.pools()
 
 
+def test_shipped_pd_configs_decide_per_request_on_the_prefix_cache():
+    pd_configs = [p for p in sorted(CONFIGS.glob("*.yaml")) if load_config(p).mode == "pd"]
+    assert {p.name for p in pd_configs} >= {"cpu-pd.yaml", "cpu-pd-grpc.yaml", "gpu-pd.yaml", "cpu-lab-pd.yaml"}
+    for path in pd_configs:
+        router = load_config(path).router
+        assert router.disaggregation == "adaptive", path.name
+        assert all(router.selection.for_pool(p).uses("prefix") for p in ("prefill", "decode")), path.name
+
+
 def test_core_sets_parse():
     assert parse_core_set("0-2,5") == [0, 1, 2, 5]
     with pytest.raises(ValueError):
@@ -110,3 +119,26 @@ def test_router_ray_resources_reach_the_router_replica():
 
     cfg = ClusterConfig.model_validate(_pd(router={"ray_resources": {"router_group": 0.001}}))
     assert build_app(cfg)._bound_deployment.ray_actor_options == {"num_cpus": 0, "resources": {"router_group": 0.001}}
+
+
+def test_overrides_lay_dotted_yaml_values_on_the_file():
+    cfg = load_config(CONFIGS / "cpu-pd.yaml", ["router.disaggregation=always", "router.selection.decode=null",
+                                                "slo={ttft_ms: 300}"])
+    assert cfg.router.disaggregation == "always" and cfg.slo.ttft_ms == 300 and cfg.slo.tpot_ms == 50
+    assert not cfg.router.selection.for_pool("decode").uses("prefix")  # null: the pool's default pipeline
+    assert cfg.router.selection.for_pool("prefill").uses("prefix")  # untouched keys stay
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("router.disaggregation", "not KEY=VALUE"),
+    ("router.disaggregation=sometimes", "disaggregation"),
+    ("router.bogus=1", "bogus"),
+    ("slo.ttft_ms=[", "not YAML"),
+])
+def test_serve_and_demo_refuse_a_bad_override_before_starting_anything(override, needle, capsys):
+    from pdserve.cluster.cli import main
+
+    for cmd in ("serve", "demo"):
+        assert main([cmd, "--config", str(CONFIGS / "cpu-pd.yaml"), "--set", override]) == 2
+        err = capsys.readouterr().err
+        assert f"pdserve {cmd}: bad config" in err and needle in err, err

@@ -190,9 +190,10 @@ def test_admission_counts_the_prefill_pool_when_adaptive_serves_whole_there():
     from pdserve.router.core import Router
     from pdserve.settings.cluster import load_config
 
-    cfg = load_config("configs/cpu-pd.yaml")
+    adaptive = load_config("configs/cpu-pd.yaml")  # shipped adaptive
+    assert adaptive.router.disaggregation == "adaptive"
+    cfg = adaptive.model_copy(update={"router": adaptive.router.model_copy(update={"disaggregation": "always"})})
     assert Router.serving_replicas(cfg) == cfg.decode.max_replicas
-    adaptive = cfg.model_copy(update={"router": cfg.router.model_copy(update={"disaggregation": "adaptive"})})
     assert Router.serving_replicas(adaptive) == cfg.decode.max_replicas + cfg.prefill.max_replicas
     no_room = adaptive.router.decider.model_copy(update={"prefill_whole_max_running": 0})
     pinned = adaptive.model_copy(update={"router": adaptive.router.model_copy(update={"decider": no_room})})

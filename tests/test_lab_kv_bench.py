@@ -85,6 +85,9 @@ def test_bench_apps_do_not_collide_with_each_other_or_the_lab_configs():
     labs = [_raw("cpu-lab-pd.yaml"), _raw("cpu-lab-pd-grpc.yaml")]
     assert len({c["name"] for c in apps + labs}) == 4
     assert len({c["router"]["port"] for c in apps + labs}) == 4
+    # the shipped lab configs decide per request; the benchmark's apps move every prompt's KV
+    assert {c["router"]["disaggregation"] for c in labs} == {"adaptive"}
+    assert {ClusterConfig.model_validate(c).router.disaggregation for c in apps} == {"always"}
     # each engine takes side_channel_base_port + its index: ranges of (prefill + decode) ports
     ranges = []
     for c in apps + labs:
