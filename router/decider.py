@@ -23,15 +23,18 @@ misses by the least ratio (P/D spends more of an overloaded cluster per request)
 of a conversation prefills the rest quickly, so repeat turns stay local.
 
 The models, all linear fits the measurements keep current:
-  prefill (per pool)   seconds = fixed + per_token * uncached tokens, times (1 + requests
-                       ahead on that engine: they share its steps)
+  P/D prefill leg      seconds = fixed + per_token * uncached tokens, times (1 + requests
+                       ahead on the prefill engine: they share its steps)
+  whole-request prefill (per pool)  the same line, times (1 + requests waiting on that engine);
+                       the requests it runs slow a prefill down, and the fit keeps that. Both
+                       whole ways are predicted alike, so neither engine looks cheaper than it is
   transfer             seconds = fixed + per_byte * bytes (the decode engine pulls what it
                        does not hold itself)
   decode step          seconds per output token = fixed + per_request * requests running
   a local prefill      delays each running decode by its own length, spread over the half
                        of its output it has left (mean output length / 2)
   a decode on a prefill engine  steps slowed by the share of time that engine prefills; a
-                       whole request's prefill there stalls the decodes it runs, as above
+                       prefill there (P/D or whole) stalls the decodes it runs, as above
 """
 from __future__ import annotations
 
@@ -55,7 +58,8 @@ class Line:
 
 @dataclass(frozen=True)
 class Measurements:
-    # prefill seconds vs uncached prompt tokens, per pool ("prefill", "decode"), one request alone
+    # prefill seconds vs uncached prompt tokens, one request alone: "pd" (a P/D prefill leg),
+    # "prefill" / "decode" (a whole request on that pool's engine)
     prefill: dict[str, Optional[Line]] = field(default_factory=dict)
     transfer: Optional[Line] = None  # KV transfer seconds vs bytes
     decode_step: Optional[Line] = None  # seconds per output token vs requests running on the engine
@@ -74,6 +78,8 @@ class Situation:
     prefill_cached: int = 0  # prompt tokens the chosen prefill replica holds
     decode_cached: int = 0  # ... the chosen decode replica holds
     prefill_ahead: int = 0  # requests the chosen prefill replica runs or queues (P/D prefills, whole requests)
+    prefill_running: int = 0  # ... of them running
+    prefill_waiting: int = 0  # ... of them queued
     decode_running: int = 0
     decode_waiting: int = 0
     prefill_room: bool = False  # the prefill replica may take a whole request
@@ -113,25 +119,30 @@ class Decision:
 def predict(m: Measurements, s: Situation) -> dict[str, Prediction]:
     """Each way's predictions. Needs ``m.ready``."""
     step = m.decode_step
-    p_line = m.prefill.get("prefill")
-    d_line = m.prefill.get("decode") or p_line  # every engine holds the same weights
+    pd_line = m.prefill.get("pd")
+    # every engine holds the same weights: a pool without its own fit yet borrows another's
+    p_line = m.prefill.get("prefill") or pd_line or m.prefill.get("decode")
+    d_line = m.prefill.get("decode") or m.prefill.get("prefill") or pd_line
     n = s.prompt_tokens
+    half_output = max(1.0, m.output_tokens / 2)
     tpot_d = step.at(s.decode_running + 1)
     first_d = tpot_d  # the first output token is one decode step
 
-    prefill_remote = p_line.at(n - s.prefill_cached) * (1 + s.prefill_ahead)
-    tpot_p = step.at(s.prefill_ahead + 1) / (1 - min(0.9, max(0.0, m.prefill_busy)))
     # a prefill on the prefill engine stalls the whole requests decoding there (any way that uses it)
-    stall_p = tpot_p + prefill_remote / max(1.0, m.output_tokens / 2) if s.prefill_ahead else 0.0
+    tpot_p = step.at(s.prefill_running + 1) / (1 - min(0.9, max(0.0, m.prefill_busy)))
+    stalled_p = lambda prefill_s: tpot_p + prefill_s / half_output if s.prefill_running else 0.0  # noqa: E731
+
+    prefill_remote = pd_line.at(n - s.prefill_cached) * (1 + s.prefill_ahead)
     transfer = m.transfer.at((n - s.decode_cached) * s.kv_bytes_per_token)
-    pd = Prediction(prefill_remote + transfer + first_d, tpot_d, max(tpot_d if s.decode_running else 0.0, stall_p))
+    pd = Prediction(prefill_remote + transfer + first_d, tpot_d,
+                    max(tpot_d if s.decode_running else 0.0, stalled_p(prefill_remote)))
 
     prefill_local = d_line.at(n - s.decode_cached) * (1 + s.decode_waiting)
-    stall = prefill_local / max(1.0, m.output_tokens / 2)
-    local = Prediction(prefill_local + first_d, tpot_d, tpot_d + stall if s.decode_running else 0.0)
+    local = Prediction(prefill_local + first_d, tpot_d, tpot_d + prefill_local / half_output if s.decode_running else 0.0)
 
     # the decode engine's decodes are untouched
-    whole = Prediction(prefill_remote + tpot_p, tpot_p, stall_p)
+    prefill_there = p_line.at(n - s.prefill_cached) * (1 + s.prefill_waiting)
+    whole = Prediction(prefill_there + tpot_p, tpot_p, stalled_p(prefill_there))
     return {"decode_local": local, "prefill_whole": whole, "pd": pd}
 
 

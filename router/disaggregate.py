@@ -82,7 +82,8 @@ class Disaggregator:
             ttft_slo_s=slo["ttft_ms"] / 1000, tpot_slo_s=slo["tpot_ms"] / 1000,
             running_tpot_slo_s=self._running_tpot_s,
             prefill_cached=self.cached(sel, p.replica_id), decode_cached=self.cached(sel, d.replica_id),
-            prefill_ahead=ahead(p), decode_running=max(d.running, d.inflight), decode_waiting=d.waiting,
+            prefill_ahead=ahead(p), prefill_running=max(p.running, p.inflight), prefill_waiting=p.waiting,
+            decode_running=max(d.running, d.inflight), decode_waiting=d.waiting,
             prefill_room=ahead(p) < r.decider.prefill_whole_max_running and p.kv_cache_usage < r.decode_kv_headroom,
             headroom=r.decider.slo_headroom)
 
@@ -91,7 +92,7 @@ class Disaggregator:
         """A P/D prefill leg that produced its KV, as the router timed it."""
         uncached = self.count_hit(ctx, "prefill", p.replica_id)
         if seconds is not None:
-            self.measure.prefill_done("prefill", uncached, seconds, ahead(p))
+            self.measure.prefill_done("pd", uncached, seconds, ahead(p))
 
     def count_hit(self, ctx: "RequestCtx", pool: str, replica: str) -> int:
         """Counts the prompt and the part of it ``replica`` held; returns the uncached tokens."""
@@ -117,10 +118,9 @@ class Disaggregator:
             uncached = self.count_hit(ctx, pool, leg.replica_id)
             if pool in ("prefill", "decode"):
                 wait = ctx.ticket.queue_wait_s if ctx.ticket is not None else 0.0
-                # On a decode engine only queued requests wait ahead of a prefill; the decodes it
-                # runs slow it down, and the decode pool's fit keeps that (the prediction matches).
-                queue = picked.waiting if pool == "decode" else ahead(picked)
-                self.measure.prefill_done(pool, uncached, max(0.0, ttft_s - wait), queue)
+                # Only queued requests wait ahead of a whole request's prefill; the requests the
+                # engine runs slow it down, and the pool's fit keeps that (the prediction matches).
+                self.measure.prefill_done(pool, uncached, max(0.0, ttft_s - wait), picked.waiting)
 
     def observe_poll(self, prefill_replicas: int) -> None:
         """Once per load poll: the prefill engines' busy share, and /metrics."""

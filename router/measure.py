@@ -1,10 +1,11 @@
 """What the router measures for the disaggregation decider (router/decider.py), kept current
 with exponentially weighted averages.
 
-* prefill, per pool: a P/D prefill leg's seconds (router-timed) against the prompt tokens the
-  prefill engine did not hold; a whole request's TTFT against the tokens its engine did not
-  hold. Requests ahead on that engine share its steps, so a sample is divided by
-  (1 + requests ahead) to estimate the prefill alone;
+* prefill: a P/D prefill leg's seconds (router-timed) against the prompt tokens the prefill
+  engine did not hold ("pd"), divided by (1 + requests ahead on that engine: they share its
+  steps); and, per pool ("prefill", "decode"), a whole request's TTFT against the tokens its
+  engine did not hold, divided by (1 + requests waiting there): both pools' engines serve whole
+  requests alike, so both are measured alike, and the decodes running there are in the fit;
 * KV transfers: the decode engines' pull totals between two load polls (every transport
   reports them), as mean bytes and seconds per transfer;
 * decode step: each streamed request's TPOT against the requests running on its engine when
@@ -69,7 +70,8 @@ class Ewma:
 class LiveMeasurements:
     def __init__(self, alpha: float = 0.2, min_samples: int = 3, clock=time.monotonic) -> None:
         self.min_samples = min_samples
-        self.prefill = {"prefill": EwmaLine(alpha), "decode": EwmaLine(alpha)}
+        # "pd": P/D prefill legs; "prefill" / "decode": whole requests on that pool's engines
+        self.prefill = {"pd": EwmaLine(alpha), "prefill": EwmaLine(alpha), "decode": EwmaLine(alpha)}
         self.transfer = EwmaLine(alpha)
         self.decode_step = EwmaLine(alpha)
         self.output_tokens = Ewma(alpha)
@@ -79,14 +81,14 @@ class LiveMeasurements:
         self._busy_s = 0.0
 
     # ------------------------------------------------------------------ observations
-    def prefill_done(self, pool: str, uncached_tokens: int, seconds: float, ahead: int = 0) -> None:
-        """A prefill of ``uncached_tokens`` on a ``pool`` engine took ``seconds`` with ``ahead``
-        requests already there."""
-        line = self.prefill.get(pool)
+    def prefill_done(self, kind: str, uncached_tokens: int, seconds: float, ahead: int = 0) -> None:
+        """A prefill of ``uncached_tokens`` (``kind``: "pd", or a whole request on a "prefill" or
+        "decode" engine) took ``seconds`` with ``ahead`` requests sharing the engine's steps."""
+        line = self.prefill.get(kind)
         if line is None or seconds <= 0:
             return
         line.add(max(0, uncached_tokens), seconds / (1 + max(0, ahead)))
-        if pool == "prefill":
+        if kind in ("pd", "prefill"):  # a prefill engine prefilling
             self._busy_s += seconds / (1 + max(0, ahead))
 
     def transfers(self, count: int, total_bytes: int, total_seconds: float) -> None:
@@ -112,7 +114,7 @@ class LiveMeasurements:
     # ------------------------------------------------------------------ the record the decider reads
     def snapshot(self) -> Measurements:
         n = self.min_samples
-        ready = (self.prefill["prefill"].samples >= n and self.transfer.samples >= n
+        ready = (self.prefill["pd"].samples >= n and self.transfer.samples >= n
                  and self.decode_step.samples >= n)
         return Measurements(
             prefill={pool: line.line() for pool, line in self.prefill.items()},
@@ -124,10 +126,10 @@ class LiveMeasurements:
         """The decider's inputs, by name, for /metrics."""
         m = self.snapshot()
         out = {"prefill_busy_share": m.prefill_busy, "output_tokens": m.output_tokens, "ready": float(m.ready)}
-        for pool, line in m.prefill.items():
+        for kind, line in m.prefill.items():  # pd_..., prefill_... and decode_prefill_...
             if line is not None:
-                out[f"{pool}_prefill_fixed_seconds"] = line.fixed
-                out[f"{pool}_prefill_seconds_per_token"] = line.slope
+                out[f"{kind}_prefill_fixed_seconds"] = line.fixed
+                out[f"{kind}_prefill_seconds_per_token"] = line.slope
         if m.transfer is not None:
             out["kv_transfer_fixed_seconds"] = m.transfer.fixed
             out["kv_transfer_seconds_per_byte"] = m.transfer.slope

@@ -196,7 +196,7 @@ def warm(c: MemoryCluster, prefill_s_per_token: float, step_s: float) -> None:
     """Measurements as if the cluster had served a few P/D requests already."""
     m = c.router.disaggregator.measure
     for n in (100, 400, 1600):
-        m.prefill_done("prefill", n, 0.002 + prefill_s_per_token * n)
+        m.prefill_done("pd", n, 0.002 + prefill_s_per_token * n)
         m.transfers(1, n * 1024, 0.001 + n * 1024 * 1e-9)
         m.decoded(step_s, running=0, output_tokens=4)
 
@@ -254,9 +254,9 @@ def test_served_requests_feed_the_measurements_the_decider_reads():
     m = c.router.disaggregator.measure
     r = run(c.serve(BODY, endpoint="completions"))  # warmup: P/D
     assert r.headers["x-pdserve-path"] == "pd"
-    assert m.prefill["prefill"].samples == 1 and m.decode_step.samples == 1 and m.output_tokens.value == 4
-    assert m.prefill["decode"].samples == 0
+    assert m.prefill["pd"].samples == 1 and m.decode_step.samples == 1 and m.output_tokens.value == 4
+    assert m.prefill["decode"].samples == 0 and m.prefill["prefill"].samples == 0
     c = cluster(disaggregation="never")
     m = c.router.disaggregator.measure
     run(c.serve(BODY, endpoint="completions"))  # whole on a decode engine: its TTFT is its prefill
-    assert m.prefill["decode"].samples == 1 and m.prefill["prefill"].samples == 0
+    assert m.prefill["decode"].samples == 1 and m.prefill["prefill"].samples == 0 and m.prefill["pd"].samples == 0

@@ -11,7 +11,7 @@ from pdserve.router.measure import EwmaLine, LiveMeasurements
 
 # A cluster as measured: 50 us per prompt token on either pool (+5 ms), KV at 1 GB/s (+2 ms),
 # decode steps of 10 ms + 1 ms per running request, 100-token answers, prefill engines idle.
-M = Measurements(prefill={"prefill": Line(0.005, 50e-6), "decode": Line(0.005, 50e-6)},
+M = Measurements(prefill={"pd": Line(0.005, 50e-6), "prefill": Line(0.005, 50e-6), "decode": Line(0.005, 50e-6)},
                  transfer=Line(0.002, 1e-9), decode_step=Line(0.010, 0.001), prefill_busy=0.0,
                  output_tokens=100, ready=True)
 SHORT = replace(M, output_tokens=20)  # short answers: a stall weighs on few tokens
@@ -82,9 +82,10 @@ def test_past_every_slo_the_cheaper_whole_way_wins_even_where_pd_misses_by_less(
 
 
 def test_a_pd_prefill_stalls_the_whole_requests_decoding_on_the_prefill_engine():
-    s = situation(prompt_tokens=6000, prefill_ahead=3)
+    s = situation(prompt_tokens=6000, prefill_ahead=3, prefill_running=3)
     pd, whole = (predict(SHORT, s)[w] for w in ("pd", "prefill_whole"))
-    assert pd.running_tpot_s == whole.running_tpot_s > SLO["running_tpot_slo_s"]
+    # the P/D prefill also waits behind the three P/D prefills or whole requests ahead of it
+    assert pd.running_tpot_s > SLO["running_tpot_slo_s"] and pd.running_tpot_s > whole.running_tpot_s > 0
     assert predict(SHORT, situation(prompt_tokens=6000))["pd"].running_tpot_s == 0.0
 
 
@@ -139,16 +140,16 @@ def test_a_fit_below_zero_at_the_origin_falls_back_to_the_mean_ratio():
 
 def test_live_measurements_are_ready_after_enough_of_each_sample():
     m = LiveMeasurements(alpha=0.5, min_samples=2)
-    m.prefill_done("prefill", 1000, 0.2, ahead=1)  # shared with one other request: 0.1 s alone
-    m.prefill_done("prefill", 2000, 0.2)
+    m.prefill_done("pd", 1000, 0.2, ahead=1)  # shared with one other request: 0.1 s alone
+    m.prefill_done("pd", 2000, 0.2)
     m.transfers(2, 2_000_000, 0.004)  # two pulls since the last poll: 1 MB and 2 ms each
     m.decoded(0.012, running=2, output_tokens=50)
     assert not m.snapshot().ready
     m.transfers(1, 4_000_000, 0.006)
     m.decoded(0.014, running=4, output_tokens=150)
     s = m.snapshot()
-    assert s.ready and s.prefill["decode"] is None
-    assert s.prefill["prefill"].at(1000) == pytest.approx(0.1) and s.prefill["prefill"].at(2000) == pytest.approx(0.2)
+    assert s.ready and s.prefill["decode"] is None and s.prefill["prefill"] is None
+    assert s.prefill["pd"].at(1000) == pytest.approx(0.1) and s.prefill["pd"].at(2000) == pytest.approx(0.2)
     assert s.transfer.at(1_000_000) == pytest.approx(0.002) and s.transfer.at(4_000_000) == pytest.approx(0.006)
     assert s.decode_step.at(3) == pytest.approx(0.013)
     assert s.output_tokens == pytest.approx(100)
@@ -160,8 +161,9 @@ def test_the_prefill_busy_share_comes_from_prefill_time_per_poll_interval():
     now = [0.0]
     m = LiveMeasurements(alpha=1.0, clock=lambda: now[0])
     m.poll(prefill_replicas=2)
-    m.prefill_done("prefill", 100, 0.5)
+    m.prefill_done("pd", 100, 0.5)  # a P/D prefill leg and a whole request's prefill, both on prefill engines
     m.prefill_done("prefill", 100, 0.3)
+    m.prefill_done("decode", 100, 0.9)  # not a prefill engine's time
     now[0] = 1.0
     m.poll(prefill_replicas=2)
     assert m.snapshot().prefill_busy == pytest.approx(0.4)  # 0.8 s of prefill over 2 engine-seconds
@@ -172,18 +174,34 @@ def test_the_prefill_busy_share_comes_from_prefill_time_per_poll_interval():
 
 def test_of_two_whole_ways_that_meet_the_slos_the_less_loaded_engine_wins():
     # the decode engine runs 30 decodes (40 ms steps: tight on a 50 ms TPOT); the prefill engine 2
-    d = decide(M, situation(decode_running=30, prefill_ahead=2, prefill_room=True, tpot_slo_s=0.1,
-                            running_tpot_slo_s=0.1))
+    d = decide(M, situation(decode_running=30, prefill_ahead=2, prefill_running=2, prefill_room=True,
+                            tpot_slo_s=0.1, running_tpot_slo_s=0.1))
     assert (d.way, d.reason) == ("prefill_whole", "least_loaded")
     # on an idle cluster the two tie, and the tie goes to the decode engine
     assert decide(M, situation(prefill_room=True)).way == "decode_local"
 
 
 def test_a_whole_prefill_on_the_prefill_engine_stalls_the_decodes_it_runs():
-    alone = predict(SHORT, situation(prompt_tokens=6000, prefill_room=True))["prefill_whole"]
-    shared = predict(SHORT, situation(prompt_tokens=6000, prefill_room=True, prefill_ahead=1))["prefill_whole"]
+    alone = predict(SHORT, situation(prompt_tokens=8000, prefill_room=True))["prefill_whole"]
+    shared = predict(SHORT, situation(prompt_tokens=8000, prefill_room=True, prefill_ahead=1,
+                                      prefill_running=1))["prefill_whole"]
     assert alone.running_tpot_s == 0.0
-    assert shared.running_tpot_s > SLO["running_tpot_slo_s"]  # 2 x 305 ms spread over 10 tokens
+    assert shared.running_tpot_s > SLO["running_tpot_slo_s"]  # 405 ms spread over 10 tokens, + a step
+
+
+def test_the_two_whole_ways_are_predicted_alike_for_the_same_load():
+    # both engines run 4 requests (on the prefill engine: whole ones decoding) and queue none
+    same = situation(prompt_tokens=2000, prefill_room=True, decode_running=4, prefill_running=4, prefill_ahead=4)
+    p = predict(M, same)
+    assert p["prefill_whole"] == p["decode_local"]
+    assert decide(M, same).way == "decode_local"  # the tie goes to the decode engine
+    # one request queued on the decode engine: its prefill waits, the prefill engine's does not
+    d = decide(M, replace(same, decode_waiting=1))
+    assert (d.way, d.reason) == ("prefill_whole", "least_loaded")
+    # requests running on the prefill engine slow its decode steps, not its prefill's start
+    busier = predict(M, replace(same, prefill_running=8, prefill_ahead=8))["prefill_whole"]
+    assert busier.tpot_s > p["prefill_whole"].tpot_s and busier.ttft_s - busier.tpot_s == pytest.approx(
+        p["prefill_whole"].ttft_s - p["prefill_whole"].tpot_s)
 
 
 def test_admission_counts_the_prefill_pool_when_adaptive_serves_whole_there():
