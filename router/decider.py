@@ -16,7 +16,8 @@ running on the engine whose steps the request's prefill stalls; a way meets the 
 each prediction is within ``headroom`` of its SLO (the request's class SLO; the strictest
 class's TPOT for the running decodes, whose classes the router does not track per engine).
 Of the two whole ways that meet them, the one with the most slack wins (the smaller largest
-ratio of prediction to SLO: in effect the less loaded engine, counting what each caches); P/D
+ratio of prediction to SLO: in effect the less loaded engine, counting what each caches; within
+``tie_margin`` of each other, the engine with fewer requests); P/D
 only when neither whole way meets them and P/D does; when no way does, the whole way that
 misses by the least ratio (P/D spends more of an overloaded cluster per request). Only cached tokens
 (router/prefix_index.py) are left out of a prefill: a decode engine that already holds most
@@ -84,6 +85,7 @@ class Situation:
     decode_waiting: int = 0
     prefill_room: bool = False  # the prefill replica may take a whole request
     headroom: float = 0.8
+    tie_margin: float = 0.0  # whole ways within this of each other's overshoot: fewer requests wins
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,10 @@ def decide(m: Measurements, s: Situation) -> Decision:
     turned_down = None if local_miss is None else f"decode_local_{local_miss}"
     if whole:
         best = min(whole, key=slack)
+        if len(whole) == 2 and abs(preds[whole[0]].overshoot(s) - preds[whole[1]].overshoot(s)) < s.tie_margin:
+            load = {"decode_local": s.decode_running + s.decode_waiting,
+                    "prefill_whole": s.prefill_running + s.prefill_waiting}
+            best = min(whole, key=lambda w: (load[w], WAYS.index(w)))
         if best == "decode_local":
             return Decision(best, "cheapest", preds)
         return Decision(best, turned_down or "least_loaded", preds)

@@ -35,3 +35,7 @@ class DeciderSpec(BaseModel):
     # below router.decode_kv_headroom. 0: never whole on a prefill engine. The decider's
     # predictions already count what a prefill engine runs; this only bounds it.
     prefill_whole_max_running: int = Field(32, ge=0)
+    # Two whole ways whose largest prediction-to-SLO ratios differ by less than this are a tie,
+    # and the engine with fewer requests takes the request: a few cached tokens more on one engine
+    # are not worth a longer queue there (0: the smaller ratio always wins).
+    whole_tie_margin: float = Field(0.05, ge=0, le=1)

@@ -85,7 +85,7 @@ class Disaggregator:
             prefill_ahead=ahead(p), prefill_running=max(p.running, p.inflight), prefill_waiting=p.waiting,
             decode_running=max(d.running, d.inflight), decode_waiting=d.waiting,
             prefill_room=ahead(p) < r.decider.prefill_whole_max_running and p.kv_cache_usage < r.decode_kv_headroom,
-            headroom=r.decider.slo_headroom)
+            headroom=r.decider.slo_headroom, tie_margin=r.decider.whole_tie_margin)
 
     # ------------------------------------------------------------------ what requests measured
     def observe_prefill_leg(self, ctx: "RequestCtx", p: Candidate, seconds: Optional[float]) -> None:

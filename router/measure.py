@@ -88,7 +88,7 @@ class LiveMeasurements:
         if line is None or seconds <= 0:
             return
         line.add(max(0, uncached_tokens), seconds / (1 + max(0, ahead)))
-        if kind in ("pd", "prefill"):  # a prefill engine prefilling
+        if kind == "pd":  # a prefill engine busy with P/D prefills (a whole request's is in the step fit)
             self._busy_s += seconds / (1 + max(0, ahead))
 
     def transfers(self, count: int, total_bytes: int, total_seconds: float) -> None:

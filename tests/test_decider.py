@@ -161,9 +161,10 @@ def test_the_prefill_busy_share_comes_from_prefill_time_per_poll_interval():
     now = [0.0]
     m = LiveMeasurements(alpha=1.0, clock=lambda: now[0])
     m.poll(prefill_replicas=2)
-    m.prefill_done("pd", 100, 0.5)  # a P/D prefill leg and a whole request's prefill, both on prefill engines
-    m.prefill_done("prefill", 100, 0.3)
-    m.prefill_done("decode", 100, 0.9)  # not a prefill engine's time
+    m.prefill_done("pd", 100, 0.5)
+    m.prefill_done("pd", 100, 0.3)
+    m.prefill_done("prefill", 100, 0.9)  # a whole request's: its stall is in the decode step fit
+    m.prefill_done("decode", 100, 0.9)
     now[0] = 1.0
     m.poll(prefill_replicas=2)
     assert m.snapshot().prefill_busy == pytest.approx(0.4)  # 0.8 s of prefill over 2 engine-seconds
@@ -179,6 +180,18 @@ def test_of_two_whole_ways_that_meet_the_slos_the_less_loaded_engine_wins():
     assert (d.way, d.reason) == ("prefill_whole", "least_loaded")
     # on an idle cluster the two tie, and the tie goes to the decode engine
     assert decide(M, situation(prefill_room=True)).way == "decode_local"
+
+
+def test_whole_ways_within_the_tie_margin_go_to_the_engine_with_fewer_requests():
+    # the decode engine holds 300 more tokens of the prompt (15 ms less prefill) but runs 3
+    # requests, the prefill engine 1
+    s = situation(prompt_tokens=8000, decode_cached=7000, prefill_cached=6700, decode_running=3, prefill_running=1,
+                  prefill_ahead=1, prefill_room=True, tpot_slo_s=0.2, running_tpot_slo_s=0.2)
+    assert decide(M, s).way == "decode_local"  # no margin: the smaller ratio wins
+    d = decide(M, replace(s, tie_margin=0.05))
+    assert (d.way, d.reason) == ("prefill_whole", "least_loaded")
+    # a cache edge past the margin still wins (3,000 more tokens: 150 ms less prefill)
+    assert decide(M, replace(s, tie_margin=0.05, prefill_cached=4000)).way == "decode_local"
 
 
 def test_a_whole_prefill_on_the_prefill_engine_stalls_the_decodes_it_runs():
