@@ -6,10 +6,14 @@ session rates, and the goals of adaptive disaggregation checked against the othe
         [--arms mono-least-loaded,mono-cache-aware,pd-always,pd-adaptive] [--json PATH] [--plot PATH]
 
 The arms (bench/arms.py): monolithic least-loaded, monolithic cache-aware (prefix scorer),
-P/D always (least-loaded), P/D adaptive + cache-aware. For each arm in turn its cluster is
-started, warmed up (two rounds of short unrelated requests, so the engines have run and the
-adaptive decider has its measurements), swept over the session rates and stopped, so the arms
-never share the machine. Each rate runs ``rate x arrival-s`` new sessions (bench/sessions.py:
+P/D always (least-loaded), P/D adaptive + cache-aware. The arms never share the machine: a
+cluster is started, warmed up (two rounds of short unrelated requests, so the engines have run
+and the adaptive decider has its measurements), run, and stopped. ``--order rate`` (the
+default) runs every arm at a rate, each on a fresh cluster, before the next rate, and rotates
+which arm goes first, so that a machine whose speed drifts within the sweep (this one's does,
+by a third in 15 minutes) weighs on every arm alike; ``--order arm`` sweeps one arm's cluster
+over every rate, then the next arm's (fewer starts, but the last arm meets the slowest
+machine). Each rate runs ``rate x arrival-s`` new sessions (bench/sessions.py:
 Poisson session arrivals, each turn after the previous answer and a think time, carrying the
 whole conversation); the conversations of a rate are the same in every arm (seed + the rate's
 index) and differ between rates, over one system prompt. The router's own counters are read
@@ -105,7 +109,9 @@ def figures(run: dict[str, Any], window_s: float) -> dict[str, Any]:
 
 
 def sweep_arm(name: str, rates: list[float], spec: MultiTurnSpec, arrival_s: float, tokenizer,
-              timeout_s: float, progress: bool) -> dict[str, Any]:
+              timeout_s: float, progress: bool, first_index: int = 0) -> dict[str, Any]:
+    """One cluster of arm ``name``: started, warmed up, run at each of ``rates`` (the sweep's rates
+    from index ``first_index``, which seeds their conversations), stopped."""
     from pdserve.bench.cluster_runtime import runtime
 
     arm = resolve(name)
@@ -122,7 +128,7 @@ def sweep_arm(name: str, rates: list[float], spec: MultiTurnSpec, arrival_s: flo
         warm = generate(WorkloadSpec(kind="fixed", num_prompts=8, seed=7919, input_len=64, output_len=8), tokenizer)
         for _ in range(2):
             warm_up(url, "chat", model, warm, timeout_s=timeout_s)
-        for i, rate in enumerate(rates):
+        for i, rate in enumerate(rates, start=first_index):
             n = max(2, round(rate * arrival_s))
             sessions = chat_sessions(replace(spec, num_sessions=n, seed=spec.seed + i), tokenizer)
             before = scrape(url)
@@ -151,12 +157,15 @@ def sweep_arm(name: str, rates: list[float], spec: MultiTurnSpec, arrival_s: flo
 
 
 def goal_checks(arms: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The three goals as {goal, met, detail}; a goal whose arms did not run is left out."""
+    """The three goals as {goal, met, detail}, over the rates every arm has run (a sweep saved
+    part way has run some of a rate's arms); a goal whose arms did not run is left out."""
     if ADAPTIVE not in arms:
         return []
     others = [a for a in arms if a != ADAPTIVE]
     ad = {r["session_rate"]: r for r in arms[ADAPTIVE]["runs"]}
-    rates = sorted(ad)
+    rates = sorted(r for r in ad if all(any(x["session_rate"] == r for x in arms[a]["runs"]) for a in others))
+    if not rates:
+        return []
     checks = []
     if others:
         per_rate = []
@@ -267,6 +276,10 @@ def main(argv=None) -> int:
     p.add_argument("--timeout-s", type=float, default=120.0, help="per request")
     p.add_argument("--json", default=None, help="default bench/results/cache_sweep-<date>.json")
     p.add_argument("--plot", default=None, help="default: the JSON's path with .png")
+    p.add_argument("--order", choices=("arm", "rate"), default="rate",
+                   help="rate (default): at each rate every arm in turn, a fresh cluster each, the first arm "
+                        "rotating from rate to rate, so a machine whose speed drifts during the sweep weighs on "
+                        "every arm alike; arm: each arm's cluster swept over every rate, then the next arm")
     p.add_argument("--disable-tqdm", action="store_true")
     args = p.parse_args(argv)
     names = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -300,10 +313,23 @@ def main(argv=None) -> int:
                                    "args": vars(args), "goals": goal_checks(arms),
                                    "total_s": time.perf_counter() - t0, "arms": arms}, indent=2, allow_nan=False))
 
-    for name in names:
-        arms[name] = sweep_arm(name, args.session_rates, spec, args.arrival_s, tokenizer, args.timeout_s,
-                               not args.disable_tqdm)
-        save()
+    if args.order == "arm":
+        for name in names:
+            arms[name] = sweep_arm(name, args.session_rates, spec, args.arrival_s, tokenizer, args.timeout_s,
+                                   not args.disable_tqdm)
+            save()
+    else:
+        for i, rate in enumerate(args.session_rates):
+            for name in names[i % len(names):] + names[:i % len(names)]:  # each rate starts with the next arm
+                one = sweep_arm(name, [rate], spec, args.arrival_s, tokenizer, args.timeout_s, not args.disable_tqdm,
+                                first_index=i)
+                if name in arms:
+                    arms[name]["runs"] += one["runs"]
+                    arms[name]["wall_s"] += one["wall_s"]
+                else:
+                    arms[name] = one
+                save()
+        arms = {name: arms[name] for name in names}
     total_s = time.perf_counter() - t0
     checks = goal_checks(arms)
 

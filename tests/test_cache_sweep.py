@@ -93,3 +93,29 @@ def test_an_unknown_arm_is_refused(capsys):
     with pytest.raises(SystemExit) as e:
         cache_sweep.main(["--arms", "pd-adaptive,pd-turbo"])
     assert e.value.code == 2 and "unknown arm 'pd-turbo'" in capsys.readouterr().err
+
+
+def test_by_rate_every_arm_runs_each_rate_on_a_fresh_cluster_the_first_arm_rotating(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_sweep_arm(name, rates, spec, arrival_s, tokenizer, timeout_s, progress, first_index=0):
+        calls.append((name, tuple(rates), first_index))
+        return {"name": name, "label": name, "wall_s": 1.0,
+                "runs": [dict(_run(r, 1.0), router={"disaggregation": {}}) for r in rates]}
+
+    monkeypatch.setattr(cache_sweep, "sweep_arm", fake_sweep_arm)
+    monkeypatch.setattr(cache_sweep, "plot", lambda *a, **k: None)
+    monkeypatch.setattr("pdserve.bench.bench_cli.load_tokenizer", lambda *a, **k: None)
+    argv = ["--arms", "mono-least-loaded,pd-adaptive", "--session-rates", "1,2,3", "--json", str(tmp_path / "s.json")]
+    assert cache_sweep.main(argv) == 0
+    assert calls == [("mono-least-loaded", (1.0,), 0), ("pd-adaptive", (1.0,), 0),
+                     ("pd-adaptive", (2.0,), 1), ("mono-least-loaded", (2.0,), 1),
+                     ("mono-least-loaded", (3.0,), 2), ("pd-adaptive", (3.0,), 2)]
+    import json
+
+    saved = json.loads((tmp_path / "s.json").read_text())["arms"]
+    assert list(saved) == ["mono-least-loaded", "pd-adaptive"]  # in the order asked, not the order run
+    assert [r["session_rate"] for r in saved["pd-adaptive"]["runs"]] == [1.0, 2.0, 3.0]
+    calls.clear()
+    assert cache_sweep.main(argv + ["--order", "arm"]) == 0
+    assert calls == [("mono-least-loaded", (1.0, 2.0, 3.0), 0), ("pd-adaptive", (1.0, 2.0, 3.0), 0)]
