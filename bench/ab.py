@@ -5,7 +5,7 @@ monolithic, or any two named arms (bench/arms.py) or configs with overrides.
         --rates 1,2,4 --num-prompts 200 --out ab-report/
     pdserve ab --pd-url http://127.0.0.1:8000 --mono-url http://127.0.0.1:8001 --rates 1,2,4 --out ab-report/
     pdserve ab --arms mono-least-loaded,pd-adaptive --workload multi-turn --rates 0.5,1,2 --out ab-report/
-    pdserve ab --arms configs/cpu-pd.yaml,configs/cpu-pd.yaml --set-b router.disaggregation=adaptive ...
+    pdserve ab --arms configs/cpu-pd.yaml,configs/cpu-pd.yaml --set-b router.disaggregation=always ...
 
 Named arms: mono-least-loaded, mono-cache-aware, pd-always, pd-adaptive (bench/arms.py says
 what each is). With configs, each arm's cluster is started in turn (healthy /health first),
