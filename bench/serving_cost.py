@@ -15,14 +15,15 @@ difference is the serving path: the router, Ray Serve's handle calls and the rep
 
 Where vLLM's server runs (``--vllm-placements``, each run every round):
 
-* ``confined``: every process of the server on ``--core``, as every process of a pdserve engine
-  replica (its Ray worker, vLLM's engine frontend, the engine) runs on its core set: the
-  like-for-like comparison of the serving path;
-* ``free``: only the engine's compute bound to ``--core`` (VLLM_CPU_OMP_THREADS_BIND), its HTTP
-  front and engine frontend free to run on any core, as ``vllm serve`` runs by default. Next to
-  it pdserve also pays for confining its replica's frontend to the engine's core.
-
-pdserve's router is not confined in either: it is the serving path being measured.
+* ``engine``: vLLM's engine processes (the engine core and its worker, every thread) on
+  ``--core``, its server process (HTTP front, engine frontend) free: where a pdserve engine
+  replica runs the same parts. Its replica process (vLLM's engine frontend and serving layer)
+  floats, as the router does, and its engine processes keep to the core set
+  (engine/child_guard/). The like-for-like comparison.
+* ``free``: only the engine's compute threads bound to ``--core`` (VLLM_CPU_OMP_THREADS_BIND),
+  the rest of every process free, as ``vllm serve`` runs by default: the engine core's
+  scheduling may then run on the client's core, beside the compute.
+* ``confined``: every process of vLLM's server on ``--core``, the HTTP front too.
 """
 from __future__ import annotations
 
@@ -77,13 +78,14 @@ def one_engine(cfg, core: int):
     return cfg.model_copy(update={"mode": "monolithic", "monolithic": mono})
 
 
-PLACEMENTS = ("confined", "free")
+PLACEMENTS = ("engine", "free", "confined")
 
 
-def run_vllm(cfg, core: int, client: dict[str, Any], log_path: str, placement: str = "confined") -> dict[str, Any]:
+def run_vllm(cfg, core: int, client: dict[str, Any], log_path: str, placement: str = "engine") -> dict[str, Any]:
     from pdserve.bench.vllm_server import VllmServer
 
-    with VllmServer(cfg, core=core, log_path=log_path, confined=placement == "confined") as server:
+    with VllmServer(cfg, core=core, log_path=log_path, confined=placement == "confined",
+                    engine_only=placement == "engine") as server:
         return vllm_bench_serve(server.url, cfg.model.served_name, **client)
 
 
@@ -142,7 +144,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vllm-placements", default=",".join(PLACEMENTS),
-                   help="where vLLM's server runs, each every round: confined (all on --core), free")
+                   help="where vLLM's server runs, each every round: engine (its engine processes on --core, "
+                        "as pdserve places them), free (only the compute threads bound), confined (all on --core)")
     p.add_argument("--json", default=None, help="also write the report here")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.num_prompts < 1 or args.rate <= 0:

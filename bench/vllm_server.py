@@ -96,13 +96,57 @@ def server_env(cfg: "ClusterConfig", core: Optional[int], pdserve_env: bool = Tr
     return env
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, their children, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def pin_process_tree(pids: list[int], cores: set[int]) -> int:
+    """Every thread of ``pids`` onto ``cores``; returns how many threads were moved."""
+    moved = 0
+    for pid in pids:
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                os.sched_setaffinity(tid, cores)
+                moved += 1
+            except OSError:
+                pass
+    return moved
+
+
 class VllmServer:
-    """vLLM's own OpenAI server as a subprocess; ``with VllmServer(cfg) as s: s.url``."""
+    """vLLM's own OpenAI server as a subprocess; ``with VllmServer(cfg) as s: s.url``.
+
+    ``engine_only`` (with a ``core``): once the server is ready, every process below the server's
+    own (vLLM's engine core and its worker) runs on ``core``, all threads, while the server's
+    process (HTTP front, engine frontend) runs free: the placement of a pdserve engine replica,
+    whose own process floats and whose engine processes keep to its core set."""
 
     def __init__(self, cfg: "ClusterConfig", core: Optional[int] = 0, port: Optional[int] = None,
-                 log_path: Optional[str] = None, pdserve_env: bool = True, confined: bool = False) -> None:
+                 log_path: Optional[str] = None, pdserve_env: bool = True, confined: bool = False,
+                 engine_only: bool = False) -> None:
         self.cfg = cfg
         self.confined = confined
+        self.engine_only = engine_only
         self.core = core
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -120,6 +164,10 @@ class VllmServer:
                 log.close()
         try:
             self._wait_ready(timeout_s)
+            if self.engine_only and self.core is not None:
+                engine = descendants(self.proc.pid)
+                if not engine or not pin_process_tree(engine, {self.core}):
+                    raise RuntimeError("vLLM's server has no engine processes to pin")
         except BaseException:
             self.stop()
             raise

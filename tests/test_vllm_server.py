@@ -2,6 +2,7 @@
 the engine settings pdserve's engines get from the same config (no server is started here)."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from pdserve.bench.vllm_server import server_command, server_env
@@ -47,3 +48,26 @@ def test_a_confined_server_runs_every_process_on_the_core_as_a_pdserve_replica_d
     assert server_env(cfg, core=1, confined=True)["PDSERVE_CORE_SET"] == "1"
     assert "PDSERVE_CORE_SET" not in server_env(cfg, core=1)  # only the engine's compute is bound
     assert "PDSERVE_CORE_SET" not in server_env(cfg, core=1, pdserve_env=False, confined=True)  # no guard to apply it
+
+
+def test_engine_only_placement_pins_every_process_below_the_server():
+    import os
+    import signal
+    import subprocess
+
+    from pdserve.bench.vllm_server import descendants, pin_process_tree
+
+    server = subprocess.Popen(["bash", "-c", "sleep 30 & (sleep 30 & wait) & wait"], start_new_session=True)
+    try:
+        for _ in range(100):  # until bash has started its three sleeps' processes
+            below = descendants(server.pid)
+            if len(below) >= 3:
+                break
+            time.sleep(0.05)
+        assert server.pid not in below and len(below) >= 3
+        assert pin_process_tree(below, {0}) >= len(below)
+        assert all(os.sched_getaffinity(p) == {0} for p in below)
+        assert os.sched_getaffinity(server.pid) == os.sched_getaffinity(0)  # the server's own process stays free
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
