@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -158,7 +157,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                   input_len=args.input_len, output_len=args.output_len, seed=args.seed,
                   client_core=None if args.client_core < 0 else args.client_core)
     runs: dict[str, list[dict[str, Any]]] = {**{f"vllm-{x}": [] for x in placements}, "pdserve": []}
-    log = os.path.abspath("serving_cost_vllm_server.log")
+    log = ROOT / "bench" / "results" / "serving_cost_vllm_server.log"  # vLLM's server's output, kept out of git
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log = str(log)
 
     def record(arm: str, result: dict[str, Any], i: int) -> None:
         runs[arm].append(result)
