@@ -69,7 +69,8 @@ pdserve): replaces torch's private ``torch.cpu._is_amx_tile_supported``, which v
 attention reads (``_get_attn_isa`` in vllm/v1/attention/backends/cpu_attn.py) to choose AMX;
 and, as ``vllm.distributed.device_communicators.shm_broadcast`` loads, wraps
 ``SpinCondition.__init__`` so queue readers get ``busy_loop_s = 0`` (no second of polling after
-each message on a CPU engine's one core).
+each message on a CPU engine's one core) and ``SpinCondition.wait`` so a reader sleeps at most
+2 ms at a time, 10 ms once its ``last_read`` is a second old.
 bench/pd_vs_mono.py: ``vllm.sampling_params.RequestOutputKind`` (the direct-engine arm).
 """
 from __future__ import annotations

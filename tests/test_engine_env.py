@@ -61,6 +61,15 @@ done = threading.Event()
 threading.Thread(target=lambda: (reader.wait(None), done.set()), daemon=True).start()
 # No writer ever notifies: vLLM's own reader would sleep for good; ours wakes to look again.
 print("woke" if done.wait(3) else "asleep")
+if reader.busy_loop_s == 0:  # how often a reader looks in half a second: just active, then idle
+    def looks(active):
+        n, t = 0, time.monotonic()
+        while time.monotonic() - t < 0.5:
+            reader.last_read = time.monotonic() if active else t - 10
+            reader.wait(None)
+            n += 1
+        return n
+    print(looks(True), looks(False))
 """
 
 
@@ -73,7 +82,11 @@ def test_the_switch_stops_vllms_queue_readers_spinning(switch, reader_spin_s, lo
     out = subprocess.run([sys.executable, "-c", _SPIN_PROBE], env=dict(os.environ, PYTHONPATH=str(guard),
                          PDSERVE_MQ_NO_SPIN=switch), capture_output=True, text=True, timeout=120)
     # a sleeping reader looks again within a few milliseconds even if a notification is lost
-    assert out.stdout.split() == [reader_spin_s, "0", lost_wakeup], out.stderr[-2000:]
+    assert out.stdout.split()[:3] == [reader_spin_s, "0", lost_wakeup], out.stderr[-2000:]
+    if switch == "1":
+        # a reader idle for a second looks every 10 ms (at most 50 times in 0.5 s), not every 2
+        active, idle = map(int, out.stdout.split()[3:])
+        assert idle <= 51 and active > idle, out.stdout
 
 
 def test_engines_use_the_replicas_advertised_address():
