@@ -27,6 +27,10 @@ class RouterSpec(_Strict):
     request_timeout_s: float = Field(300.0, gt=0)
     prefill_timeout_s: float = Field(30.0, gt=0)
     load_poll_interval_s: float = Field(0.25, gt=0)
+    # Between polls while no engine call has run for IDLE_AFTER_S (router/polling.py): an idle
+    # router need not ask for load four times a second, and each ask costs CPU in the router
+    # and the replica. Never shorter than load_poll_interval_s.
+    idle_load_poll_interval_s: float = Field(1.0, gt=0)
     # A decode replica is eligible while its KV usage stays below this.
     decode_kv_headroom: float = Field(0.95, gt=0, le=1)
     # How each engine call's items reach the router: "direct" (one TCP connection per call to

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("pdserve.router")
 
 _LIVE_STATES = ("STARTING", "UPDATING", "RECOVERING", "RUNNING")
+# A router is idle once no engine call has run or started for this long.
+IDLE_AFTER_S = 2.0
 
 
 class LoadPoller:
@@ -34,8 +36,17 @@ class LoadPoller:
 
     async def poll_forever(self) -> None:
         while True:
-            await asyncio.sleep(self.router.cfg.router.load_poll_interval_s)
+            await asyncio.sleep(self.interval(time.monotonic()))
             await self.refresh()
+
+    def interval(self, now: float) -> float:
+        """Seconds to the next poll: ``load_poll_interval_s`` while engine calls run or ran in
+        the last ``IDLE_AFTER_S``, ``idle_load_poll_interval_s`` when the router is idle. A
+        replica that dies while the router is idle is found by the first call to it (its
+        connection fails, engine/direct_stream.py) if a poll has not found it first."""
+        r = self.router.cfg.router
+        busy = any(pool.busy_since(now - IDLE_AFTER_S) for pool in self.router.pools.values())
+        return r.load_poll_interval_s if busy else max(r.load_poll_interval_s, r.idle_load_poll_interval_s)
 
     async def refresh(self) -> None:
         for pool in self.router.pools.values():

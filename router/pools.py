@@ -50,6 +50,7 @@ class Pool:
         self.poll_timeout_s = poll_timeout_s
         self.replicas: dict[str, ReplicaState] = {}
         self.last_error: Optional[str] = None
+        self.last_call = float("-inf")  # time.monotonic() of the last engine call started here
         self._legs: "weakref.WeakSet[LegWatcher]" = weakref.WeakSet()
 
     async def refresh(self) -> None:
@@ -86,6 +87,10 @@ class Pool:
     def is_healthy(self, replica_id: str) -> bool:
         st = self.replicas.get(replica_id)
         return st is not None and st.healthy
+
+    def busy_since(self, since: float) -> bool:
+        """Whether an engine call runs here now, or one started after ``since`` (monotonic)."""
+        return self.last_call > since or any(st.inflight for st in self.replicas.values())
 
     def has_healthy(self) -> bool:
         return any(st.healthy for st in self.replicas.values())
@@ -147,6 +152,7 @@ class Pool:
         A direct connection that is refused or dropped marks the replica unhealthy at once
         and fails the call (``StreamBroken``); the router then serves it elsewhere. It is not
         handed to Ray Serve, which would hold it until Ray restarts a replica of this pool."""
+        self.last_call = time.monotonic()
         st = self.replicas.get(replica_id) if replica_id else None
         address = st.load.get("stream") if st is not None and self.direct_streams else None
         if address:
