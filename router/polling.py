@@ -59,6 +59,7 @@ class LoadPoller:
             await self.poll_pool_sizes()
 
     async def _refresh_pool(self, pool: "Pool") -> None:
+        pool.spares.expire()
         try:
             await pool.refresh()
         except Exception as e:  # a pool that cannot be reached is simply unhealthy

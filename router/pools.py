@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional, Protocol
 
-from pdserve.engine.direct_stream import DirectStream
+from pdserve.engine.direct_stream import DirectStream, SpareConnections
 from pdserve.router.selection import Candidate
 from pdserve.router.targeting import POOL_VIEWS, TARGET_KWARG
 
@@ -51,6 +51,7 @@ class Pool:
         self.replicas: dict[str, ReplicaState] = {}
         self.last_error: Optional[str] = None
         self.last_call = float("-inf")  # time.monotonic() of the last engine call started here
+        self.spares = SpareConnections()  # a direct-stream connection per replica, opened ahead
         self._legs: "weakref.WeakSet[LegWatcher]" = weakref.WeakSet()
 
     async def refresh(self) -> None:
@@ -156,7 +157,8 @@ class Pool:
         st = self.replicas.get(replica_id) if replica_id else None
         address = st.load.get("stream") if st is not None and self.direct_streams else None
         if address:
-            return DirectStream(address, endpoint, body, on_down=lambda e: self.mark_down(replica_id, e))
+            return DirectStream(address, endpoint, body, on_down=lambda e: self.mark_down(replica_id, e),
+                                spares=self.spares)
         kwargs = {TARGET_KWARG: replica_id} if replica_id else {}
         return self.handle.options(stream=True).generate.remote(endpoint, body, **kwargs)
 

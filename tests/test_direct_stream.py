@@ -174,3 +174,70 @@ def test_an_unreachable_replica_is_called_through_ray_instead():
 
     got, n = _run(main())
     assert got == [[("meta", {"replica": "other"})]] and n == 1
+
+
+def _counting(srv: StreamServer) -> list:
+    """Counts the connections the replica accepts (wraps its handler before start())."""
+    accepted = []
+    handler = srv._connection
+
+    async def counted(reader, writer):
+        accepted.append(1)
+        await handler(reader, writer)
+
+    srv._connection = counted
+    return accepted
+
+
+def test_the_next_call_goes_over_the_spare_opened_after_the_last():
+    from pdserve.engine.direct_stream import SpareConnections
+
+    async def main():
+        calls = Calls([[("sse", "data: [DONE]\n\n")]])
+        srv = StreamServer(calls, "127.0.0.1")
+        accepted = _counting(srv)
+        await srv.start()
+        spares = SpareConnections()
+        assert await _drain(DirectStream(srv.address(), "chat", {"n": 1}, spares=spares)) == [[("sse", "data: [DONE]\n\n")]]
+        while not len(spares):
+            await asyncio.sleep(0.01)
+        assert len(accepted) == 2  # the call's own connection, then the spare
+        got = await _drain(DirectStream(srv.address(), "chat", {"n": 2}, spares=spares))
+        while not len(spares):
+            await asyncio.sleep(0.01)
+        spares.close()
+        await srv.close()
+        return calls, got, len(accepted)
+
+    calls, got, accepted = _run(main())
+    assert got == [[("sse", "data: [DONE]\n\n")]]
+    assert [body for _, body in calls.seen] == [{"n": 1}, {"n": 2}]
+    assert accepted == 3  # the second call opened no connection of its own, only the next spare
+
+
+def test_a_spare_the_replica_closed_is_not_used_and_an_unused_one_closes_quietly(caplog):
+    from pdserve.engine.direct_stream import SpareConnections
+
+    async def main():
+        calls = Calls([[("sse", "data: [DONE]\n\n")]])
+        srv = StreamServer(calls, "127.0.0.1")
+        await srv.start()
+        spares = SpareConnections()
+        assert spares.take(srv.address()) is None  # none yet: one is opened
+        while not len(spares):
+            await asyncio.sleep(0.01)
+        (conn, _), = spares._spares.values()
+        conn.transport.abort()  # as if the replica had gone
+        await asyncio.sleep(0.05)
+        got = await _drain(DirectStream(srv.address(), "chat", {}, spares=spares))  # connects itself
+        while not len(spares):
+            await asyncio.sleep(0.01)
+        spares.expire(asyncio.get_running_loop().time() + SpareConnections.MAX_AGE_S + 3600)
+        assert not len(spares)
+        await asyncio.sleep(0.1)  # the replica sees the unused spare close
+        await srv.close()
+        return got
+
+    with caplog.at_level("WARNING", logger="pdserve.direct_stream"):
+        assert _run(main()) == [[("sse", "data: [DONE]\n\n")]]
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
