@@ -233,43 +233,42 @@ def _port(addr: str) -> int:
 class StreamCutter:
     """Cuts a P/D stream after its first token, so that the router resumes it (the resume path).
 
-    The router's connection to the decode replica's token stream is found as the one TCP
-    connection from the router's process to a port the replica's process listens on that was
-    not there before the request (engine/direct_stream.py: one connection per call); the replica
-    is stopped while that connection is destroyed (``ss -K``), so no token slips through."""
+    The router's connection to the decode replica's token stream is among the TCP connections
+    from the router's process to the replica's stream port (``stream_port`` in the router's
+    status); every one of them is destroyed (``ss -K``): the call's, and the spare the router
+    keeps open for the next call (engine/direct_stream.py). The replica is stopped meanwhile, so
+    no token slips through."""
 
     def __init__(self, admin: Admin, router_port: int) -> None:
         self.admin = admin
         self.router_port = router_port
         self.router_pids: set[int] = set()
-        self.before: set[tuple[str, str]] = set()
 
     def arm(self) -> None:
-        """Before the request: the router's process and its connections."""
+        """Before the request: the router's process."""
         self.router_pids = set().union(*(pids for local, _, pids in _sockets("-l") if _port(local) == self.router_port))
         if not self.router_pids:
             raise RuntimeError(f"no process of this host listens on the router's port {self.router_port}")
-        self.before = {(local, peer) for local, peer, pids in _sockets("state", "established")
-                       if pids & self.router_pids}
 
     def cut(self, response: httpx.Response) -> dict[str, Any]:
         replica_id = response.headers.get("x-pdserve-decode-replica")
         replicas = {r["replica"]: r for r in self.admin.status()["pools"]["decode"]}
         if replica_id not in replicas:
             raise RuntimeError(f"decode replica {replica_id!r} is not in the pool: {sorted(replicas)}")
-        pid = replicas[replica_id]["pid"]
-        ports = {_port(local) for local, _, pids in _sockets("-l") if pid in pids}
+        pid, port = replicas[replica_id]["pid"], replicas[replica_id].get("stream_port")
+        if not port:
+            raise RuntimeError(f"decode replica {replica_id} reports no direct stream port")
         os.kill(pid, signal.SIGSTOP)  # no more tokens while the connection is destroyed
         try:
-            new = [(local, peer) for local, peer, pids in _sockets("state", "established")
-                   if pids & self.router_pids and _port(peer) in ports and (local, peer) not in self.before]
-            for local, peer in new:
+            conns = [(local, peer) for local, peer, pids in _sockets("state", "established")
+                   if pids & self.router_pids and _port(peer) == port]
+            for local, peer in conns:
                 subprocess.run(["ss", "-K", "src", local, "dst", peer], capture_output=True, timeout=10, check=True)
         finally:
             os.kill(pid, signal.SIGCONT)
-        if not new:
-            raise RuntimeError(f"no new connection from the router to decode replica {replica_id}")
-        return {"replica": replica_id, "cut": len(new)}
+        if not conns:
+            raise RuntimeError(f"no connection from the router to decode replica {replica_id}'s stream port")
+        return {"replica": replica_id, "cut": len(conns)}
 
 
 class Runner:

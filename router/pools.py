@@ -172,5 +172,7 @@ class Pool:
                                                 "kv_expired_total", "kv_same_host_transfers_total",
                                                 "external_hit_tokens_total",
                                                 "preemptions_total", "faults")}
-            out.append({"replica": st.replica_id, "healthy": st.healthy, "inflight": st.inflight, **load})
+            stream = st.load.get("stream") or {}
+            out.append({"replica": st.replica_id, "healthy": st.healthy, "inflight": st.inflight,
+                        "stream_port": stream.get("port"), **load})
         return out

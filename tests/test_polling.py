@@ -1,5 +1,5 @@
 """How often the router polls its replicas' load (router/polling.py): fast while engine calls
-run or ran a moment ago, slowly when the router is idle."""
+run or ran a moment ago, slowly when the router is idle; and what its status shows of a poll."""
 from __future__ import annotations
 
 import time
@@ -37,3 +37,10 @@ def test_a_call_in_flight_keeps_the_fast_polls():
 def test_the_idle_interval_is_never_shorter_than_the_busy_one():
     c = cluster(load_poll_interval_s=0.5, idle_load_poll_interval_s=0.1)
     assert c.router.poller.interval(time.monotonic()) == 0.5
+
+
+def test_status_names_each_replicas_stream_port_but_never_its_token():
+    c = cluster()
+    c.pools["decode"].replicas["d0"].load["stream"] = {"host": "10.0.0.2", "port": 4321, "token": "s3cret"}
+    (row,) = c.pools["decode"].status()
+    assert row["stream_port"] == 4321 and "s3cret" not in repr(row)
