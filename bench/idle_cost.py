@@ -1,0 +1,98 @@
+"""Benchmark: what an idle cluster costs, in CPU, process by process.
+
+    python -m pdserve.bench.idle_cost [--config configs/cpu-pd.yaml] [--settle-s 30] [--window-s 30]
+
+Starts the config's cluster on a local Ray instance, sends it nothing, waits ``--settle-s`` (past
+the start-up work), then reads every process's CPU time from /proc over ``--window-s`` and
+prints each process below this one (Ray's, the replicas', the engines') as a percentage of one
+core, grouped by role, and the total. What an idle cluster spends is taken from the engines'
+cores and from whatever shares the hosts with it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+from pdserve.bench.vllm_server import descendants
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_seconds(pids: list[int]) -> dict[int, tuple[float, str]]:
+    """(user + system CPU seconds, command line) of each live process of ``pids``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        out[pid] = ((int(fields[11]) + int(fields[12])) / tick, cmd)
+    return out
+
+
+def role(cmd: str) -> str:
+    """A process's role, from its command line (Ray names its actors' processes ``ray::<actor>``)."""
+    if cmd.startswith("ray::ServeReplica:"):
+        return cmd.split()[0].rsplit(":", 1)[1] + " replica"
+    if cmd.startswith("ray::"):
+        return cmd.split()[0][len("ray::"):]
+    if "VLLM" in cmd or "multiprocessing" in cmd:
+        return "engine process"
+    for name in ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py"):
+        if name in cmd:
+            return "ray " + name
+    return "other"
+
+
+def usage(before: dict[int, tuple[float, str]], after: dict[int, tuple[float, str]],
+          seconds: float) -> dict[str, float]:
+    """CPU per role over the window, as a fraction of one core (processes alive at both ends)."""
+    groups: dict[str, float] = {}
+    for pid, (cpu, cmd) in after.items():
+        if pid in before:
+            groups[role(cmd)] = groups.get(role(cmd), 0.0) + max(0.0, cpu - before[pid][0]) / seconds
+    return groups
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from pdserve.bench.cluster_runtime import runtime
+    from pdserve.bench.vllm_server import free_port
+    from pdserve.settings.cluster import load_config
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "cpu-pd.yaml"))
+    p.add_argument("--settle-s", type=float, default=30.0)
+    p.add_argument("--window-s", type=float, default=30.0)
+    args = p.parse_args(argv)
+    if args.settle_s < 0 or args.window_s <= 0:
+        p.error("--settle-s must be >= 0 and --window-s > 0")
+    rt = runtime()
+    rt.start_cluster(load_config(args.config), port=free_port())
+    try:
+        time.sleep(args.settle_s)
+        t0, before = time.monotonic(), cpu_seconds(descendants(os.getpid()))
+        time.sleep(args.window_s)
+        t1, after = time.monotonic(), cpu_seconds(descendants(os.getpid()))
+    finally:
+        rt.stop_cluster()
+    groups = usage(before, after, t1 - t0)
+    print(f"\nidle {Path(args.config).name}: CPU over {t1 - t0:.0f} s, % of one core")
+    for name, share in sorted(groups.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:<28}{100 * share:6.1f} %")
+    print(f"  {'total':<28}{100 * sum(groups.values()):6.1f} %")
+    return 0
+
+
+if __name__ == "__main__":
+    from pdserve.bench import cluster_runtime
+    from pdserve.cluster import runtime as _runtime
+
+    cluster_runtime.use(_runtime)  # this script is the program: its entry point is a composition root
+    raise SystemExit(main())

@@ -1,0 +1,37 @@
+"""The idle-cost benchmark's accounting (bench/idle_cost.py), on real processes of this machine."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from pdserve.bench.idle_cost import cpu_seconds, role, usage
+from pdserve.bench.vllm_server import descendants
+
+
+def test_roles_from_command_lines():
+    assert role("ray::ServeReplica:pdserve:decode") == "decode replica"
+    assert role("ray::ServeController") == "ServeController"
+    assert role("VLLM::Worker") == "engine process"
+    assert role("/x/ray/core/src/ray/gcs/gcs_server --port 1") == "ray gcs_server"
+
+
+def test_a_busy_child_counts_and_an_idle_one_does_not():
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 5: pass"])
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        time.sleep(0.5)
+        pids = descendants(os.getpid())
+        assert {busy.pid, idle.pid} <= set(pids)
+        t0, before = time.monotonic(), cpu_seconds(pids)
+        time.sleep(1.0)
+        t1, after = time.monotonic(), cpu_seconds(pids)
+        per_pid = {pid: (after[pid][0] - before[pid][0]) / (t1 - t0) for pid in (busy.pid, idle.pid)}
+        assert per_pid[busy.pid] > 0.2 and per_pid[idle.pid] < 0.05, per_pid
+        assert usage(before, after, t1 - t0)["other"] >= per_pid[busy.pid]
+    finally:
+        busy.kill()
+        idle.kill()
+        busy.wait()
+        idle.wait()
