@@ -41,8 +41,8 @@ def role(cmd: str) -> str:
     """A process's role, from its command line (Ray names its actors' processes ``ray::<actor>``)."""
     if cmd.startswith("ray::ServeReplica:"):
         return cmd.split()[0].rsplit(":", 1)[1] + " replica"
-    if cmd.startswith("ray::"):
-        return cmd.split()[0][len("ray::"):]
+    if cmd.startswith("ray::"):  # an actor's process, titled with the method it runs, if any
+        return cmd.split()[0][len("ray::"):].split(".")[0]
     if "VLLM" in cmd or "multiprocessing" in cmd:
         return "engine process"
     for name in ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py"):

@@ -12,7 +12,7 @@ from pdserve.bench.vllm_server import descendants
 
 def test_roles_from_command_lines():
     assert role("ray::ServeReplica:pdserve:decode") == "decode replica"
-    assert role("ray::ServeController") == "ServeController"
+    assert role("ray::ServeController") == role("ray::ServeController.listen_for_change") == "ServeController"
     assert role("VLLM::Worker") == "engine process"
     assert role("/x/ray/core/src/ray/gcs/gcs_server --port 1") == "ray gcs_server"
 
