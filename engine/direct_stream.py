@@ -257,7 +257,7 @@ class SpareConnections:
         """The replica's fresh spare connection, or None; opens the next one either way."""
         key = self._key(address)
         spare = self._spares.pop(key, None)
-        self._open_soon(address, key)
+        self._open_soon(key)
         if spare is None:
             return None
         conn, opened = spare
@@ -282,7 +282,7 @@ class SpareConnections:
     def __len__(self) -> int:
         return len(self._spares)
 
-    def _open_soon(self, address: dict[str, Any], key: tuple[str, int]) -> None:
+    def _open_soon(self, key: tuple[str, int]) -> None:
         if key not in self._opening:
             self._opening.add(key)
             task = asyncio.get_running_loop().create_task(self._open(key))
