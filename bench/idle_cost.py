@@ -21,8 +21,8 @@ from pdserve.bench.vllm_server import descendants
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cpu_seconds(pids: list[int]) -> dict[int, tuple[float, str]]:
-    """(user + system CPU seconds, command line) of each live process of ``pids``."""
+def cpu_seconds(pids: list[int]) -> dict[int, tuple[float, str, int]]:
+    """(user + system CPU seconds, command line, parent pid) of each live process of ``pids``."""
     tick = os.sysconf("SC_CLK_TCK")
     out = {}
     for pid in pids:
@@ -33,7 +33,7 @@ def cpu_seconds(pids: list[int]) -> dict[int, tuple[float, str]]:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-        out[pid] = ((int(fields[11]) + int(fields[12])) / tick, cmd)
+        out[pid] = ((int(fields[11]) + int(fields[12])) / tick, cmd, int(fields[1]))
     return out
 
 
@@ -43,21 +43,31 @@ def role(cmd: str) -> str:
         return cmd.split()[0].rsplit(":", 1)[1] + " replica"
     if cmd.startswith("ray::"):  # an actor's process, titled with the method it runs, if any
         return cmd.split()[0][len("ray::"):].split(".")[0]
-    if "VLLM" in cmd or "multiprocessing" in cmd:
-        return "engine process"
     for name in ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py"):
         if name in cmd:
             return "ray " + name
     return "other"
 
 
-def usage(before: dict[int, tuple[float, str]], after: dict[int, tuple[float, str]],
+def role_of(pid: int, procs: dict[int, tuple[float, str, int]]) -> str:
+    """A process's role; a process below an engine replica's is that pool's engine, whatever its
+    title says (vLLM's engine children do not always carry theirs)."""
+    parent = procs[pid][2]
+    while parent in procs:
+        if procs[parent][1].startswith("ray::ServeReplica:"):
+            return role(procs[parent][1]).replace(" replica", " engine")
+        parent = procs[parent][2]
+    return role(procs[pid][1])
+
+
+def usage(before: dict[int, tuple[float, str, int]], after: dict[int, tuple[float, str, int]],
           seconds: float) -> dict[str, float]:
     """CPU per role over the window, as a fraction of one core (processes alive at both ends)."""
     groups: dict[str, float] = {}
-    for pid, (cpu, cmd) in after.items():
+    for pid, (cpu, _, _) in after.items():
         if pid in before:
-            groups[role(cmd)] = groups.get(role(cmd), 0.0) + max(0.0, cpu - before[pid][0]) / seconds
+            name = role_of(pid, after)
+            groups[name] = groups.get(name, 0.0) + max(0.0, cpu - before[pid][0]) / seconds
     return groups
 
 

@@ -6,15 +6,22 @@ import subprocess
 import sys
 import time
 
-from pdserve.bench.idle_cost import cpu_seconds, role, usage
+from pdserve.bench.idle_cost import cpu_seconds, role, role_of, usage
 from pdserve.bench.vllm_server import descendants
 
 
 def test_roles_from_command_lines():
     assert role("ray::ServeReplica:pdserve:decode") == "decode replica"
     assert role("ray::ServeController") == role("ray::ServeController.listen_for_change") == "ServeController"
-    assert role("VLLM::Worker") == "engine process"
+    assert role("VLLM::Worker") == "other"  # by its title alone, nothing
     assert role("/x/ray/core/src/ray/gcs/gcs_server --port 1") == "ray gcs_server"
+
+
+def test_processes_below_an_engine_replica_are_its_engine_whatever_their_title():
+    procs = {10: (1.0, "ray::ServeReplica:pdserve:decode", 1), 11: (2.0, "python -c spawn_main", 10),
+             12: (3.0, "VLLM::Worker", 11), 13: (4.0, "ray::ServeReplica:pdserve:router", 1)}
+    assert [role_of(pid, procs) for pid in (10, 11, 12, 13)] == [
+        "decode replica", "decode engine", "decode engine", "router replica"]
 
 
 def test_a_busy_child_counts_and_an_idle_one_does_not():
