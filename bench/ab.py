@@ -17,7 +17,6 @@ section (the P/D config's with --pd-config).
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -25,6 +24,7 @@ from typing import Any, Optional
 from pdserve.bench.arms import ArmError, resolve
 from pdserve.bench.bench_cli import add_load_args, add_workload_args, check_args, sweep, write_json
 from pdserve.bench.loadgen import ServerUnreachable
+from pdserve.bench.ports import free_port
 from pdserve.bench.stats import parse_goodput
 from pdserve.settings.cluster import ClusterConfig, load_config
 
@@ -78,12 +78,6 @@ def config_slos(cfg: ClusterConfig) -> dict[str, float]:
     return slos
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_arm(args: argparse.Namespace, name: str, config_path: Optional[str], url: Optional[str],
             cfg: Optional[ClusterConfig], slos: dict[str, float], config_text: Optional[str] = None,
             label: Optional[str] = None) -> dict[str, Any]:
@@ -108,7 +102,7 @@ def run_arm(args: argparse.Namespace, name: str, config_path: Optional[str], url
 
         rt = runtime()
         print(f"pdserve ab: starting the {name} cluster from {config_path}", flush=True)
-        started = rt.start_cluster(cfg, port=_free_port())  # waits until /health answers 200
+        started = rt.start_cluster(cfg, port=free_port())  # waits until /health answers 200
         try:
             meta["source"] = f"cluster started from {config_path} by pdserve ab"
             result = sweep(started, args, args.rates, model=model, slos_ms=slos)

@@ -39,7 +39,6 @@ import argparse
 import json
 import math
 import re
-import socket
 import time
 import urllib.request
 from dataclasses import replace
@@ -50,6 +49,7 @@ from typing import Any, Optional
 from pdserve.bench.ab import config_slos
 from pdserve.bench.arms import ARMS, ArmError, resolve
 from pdserve.bench.loadgen import LoadSpec, warm_up
+from pdserve.bench.ports import free_port
 from pdserve.bench.sessions import run_session_benchmark
 from pdserve.bench.workloads import MultiTurnSpec, WorkloadSpec, chat_sessions, generate
 
@@ -90,12 +90,6 @@ def deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float
 # one arm
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _DROPPED = {"ttfts", "itls", "latencies", "start_times", "errors", "http_statuses", "request_paths",
             "request_tenants", "cached_tokens", "request_sessions", "request_turns", "input_lens", "output_lens"}
 
@@ -120,7 +114,7 @@ def sweep_arm(name: str, rates: list[float], spec: MultiTurnSpec, arrival_s: flo
     rt = runtime()
     t0 = time.perf_counter()
     print(f"cache_sweep: starting {name} ({arm.label}) from {arm.config_path}", flush=True)
-    url = rt.start_cluster(arm.cfg, port=_free_port())
+    url = rt.start_cluster(arm.cfg, port=free_port())
     result: dict[str, Any] = {"name": name, "label": arm.label, "config_path": arm.config_path,
                               "overrides": arm.overrides, "slos_ms": slos, "runs": []}
     try:

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from pdserve.bench.loadgen import LoadSpec, open_session, run_load, warm_up
-from pdserve.bench.pd_vs_mono import ROOT, _free_port, make_requests
+from pdserve.bench.pd_vs_mono import ROOT, make_requests
+from pdserve.bench.ports import free_port
 
 ADMIN = {"Authorization": "Bearer pdserve-dev-admin"}
 PD_EVERY_REQUEST = ["router.disaggregation=always"]
@@ -64,7 +65,7 @@ def run_arm(name: str, requests, rate: float, kill_at, heal_at) -> dict:
     rt = runtime()
     # a P/D arm splits every request: the fallback under link kills is what is measured
     cfg = load_config(ROOT / "configs" / _CONFIGS[name], PD_EVERY_REQUEST if name != "monolithic" else ())
-    url = rt.start_cluster(cfg, port=_free_port())
+    url = rt.start_cluster(cfg, port=free_port())
     try:
         warm_up(url, "chat", cfg.model.served_name, make_requests(4, 200, 8, seed=99))
         results, t_kill = asyncio.run(_with_chaos(url, cfg.model.served_name, requests, rate, kill_at, heal_at))

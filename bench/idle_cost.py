@@ -73,7 +73,7 @@ def usage(before: dict[int, tuple[float, str, int]], after: dict[int, tuple[floa
 
 def main(argv: Optional[list[str]] = None) -> int:
     from pdserve.bench.cluster_runtime import runtime
-    from pdserve.bench.vllm_server import free_port
+    from pdserve.bench.ports import free_port
     from pdserve.settings.cluster import load_config
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -20,21 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import time
 from pathlib import Path
 
 import torch
 
+from pdserve.bench.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 _CONFIGS = {"grpc": "cpu-pd-grpc.yaml", "grpc-inline": "cpu-pd-grpc.yaml", "nixl": "cpu-pd.yaml"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def memcpy_gbps(size: int, repeats: int = 5) -> float:
@@ -60,7 +55,7 @@ def grpc_loopback_gbps(size: int, repeats: int = 3, same_host_refs: bool = False
     src = {"l": torch.ones(n, block // 2, dtype=torch.bfloat16)}
     dst = {"l": torch.zeros(n, block // 2, dtype=torch.bfloat16)}
     table = LeaseTable()
-    port = _free_port()
+    port = free_port()
     server = start_server(KVStreamServicer("e", table, BlockLayout(src, n), 4 * MiB, FaultSwitch(None)),
                           f"127.0.0.1:{port}", 64 * MiB, None)
     puller = KVPuller(BlockLayout(dst, n), deadline_s=60, max_message_bytes=64 * MiB, tls=None,
@@ -103,7 +98,7 @@ def cluster_transfers(transport: str, model: str, lengths: list[int], repeats: i
         "model": cfg.model.model_copy(update={"path": f"builtin:{model}", "max_model_len": 4096}),
         "engine": cfg.engine.model_copy(update={"max_num_batched_tokens": 4096}),
     })
-    url = rt.start_cluster(cfg, port=_free_port())
+    url = rt.start_cluster(cfg, port=free_port())
     rows = []
     try:
         with httpx.Client(timeout=300) as client:

@@ -14,12 +14,12 @@ import argparse
 import asyncio
 import json
 import math
-import socket
 import time
 from collections import Counter
 from pathlib import Path
 
 from pdserve.bench.loadgen import LoadSpec, arrival_offsets, run_load, warm_up
+from pdserve.bench.ports import free_port
 from pdserve.bench.stats import RequestOutput, metric_stats
 from pdserve.bench.workloads import SampleRequest, numbered_prompts
 
@@ -45,12 +45,6 @@ def summarize(outputs: list[RequestOutput]) -> dict:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_cluster_arm(config: str, requests: list[SampleRequest], rate: float, warmup: list[SampleRequest]) -> dict:
     from pdserve.bench.cluster_runtime import runtime
     from pdserve.settings.cluster import load_config
@@ -60,7 +54,7 @@ def run_cluster_arm(config: str, requests: list[SampleRequest], rate: float, war
     cfg = load_config(ROOT / "configs" / config)
     if cfg.mode == "pd":
         cfg = load_config(ROOT / "configs" / config, ["router.disaggregation=always"])
-    url = rt.start_cluster(cfg, port=_free_port())
+    url = rt.start_cluster(cfg, port=free_port())
     try:
         warm_up(url, "chat", cfg.model.served_name, warmup)
         outputs, _ = asyncio.run(run_load(url, "chat", cfg.model.served_name, requests, LoadSpec(rate)))

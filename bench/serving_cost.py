@@ -90,7 +90,7 @@ def run_vllm(cfg, core: int, client: dict[str, Any], log_path: str, placement: s
 
 def run_pdserve(cfg, client: dict[str, Any]) -> dict[str, Any]:
     from pdserve.bench.cluster_runtime import runtime
-    from pdserve.bench.vllm_server import free_port
+    from pdserve.bench.ports import free_port
 
     rt = runtime()
     url = rt.start_cluster(cfg, port=free_port())

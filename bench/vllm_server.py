@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from pdserve.bench.ports import free_port
 from pdserve.engine.server import serving_args
 from pdserve.engine.tiny_model import resolve_model
 
@@ -33,12 +33,6 @@ if TYPE_CHECKING:
     from pdserve.settings.cluster import ClusterConfig
 
 GUARD_DIR = Path(__file__).resolve().parents[1] / "engine" / "child_guard"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _flag(name: str, value) -> list[str]:

@@ -13,20 +13,15 @@ test needs.
 """
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from pdserve.bench.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -63,7 +58,7 @@ def clusters():
     pd_cfg = every_request_pd(with_tool_call_parser(load_config(CONFIGS / "cpu-pd.yaml")))
     mono_cfg = with_tool_call_parser(load_config(CONFIGS / "cpu-monolithic.yaml"))
     grpc_cfg = every_request_pd(with_tool_call_parser(load_config(CONFIGS / "cpu-pd-grpc.yaml")))
-    pd_port, mono_port, grpc_port = _free_port(), _free_port(), _free_port()
+    pd_port, mono_port, grpc_port = free_port(), free_port(), free_port()
     pd_cfg = pd_cfg.model_copy(update={"router": pd_cfg.router.model_copy(update={"port": pd_port})})
     mono_cfg = mono_cfg.model_copy(update={
         "name": "mono",
@@ -84,7 +79,7 @@ def clusters():
             "grpc": kv.grpc.model_copy(update={"deadline_s": 3.0}),
         }),
     })
-    tenants_cfg = tenants_config(every_request_pd(load_config(CONFIGS / "cpu-pd-tenants.yaml")), _free_port())
+    tenants_cfg = tenants_config(every_request_pd(load_config(CONFIGS / "cpu-pd-tenants.yaml")), free_port())
     # Ray counts logical CPUs; the apps share the two cores by design (tests run one at a time).
     runtime.start_ray(num_cpus=7)
     runtime.start_serve()

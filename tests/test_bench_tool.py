@@ -7,7 +7,6 @@ import asyncio
 import json
 import math
 import random
-import socket
 import threading
 from collections import Counter
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 
 from pdserve.bench import ab, bench_cli
 from pdserve.bench.loadgen import LoadSpec, arrival_offsets, interarrival_times, run_benchmark
+from pdserve.bench.ports import free_port
 from pdserve.bench.report import find_knee, write_report
 from pdserve.bench.stats import RequestOutput, compute_metrics, meets_slos, parse_goodput
 from pdserve.bench.workloads import VOCAB, SampleRequest, Tenant, WorkloadSpec, generate
@@ -387,14 +387,8 @@ def test_bench_cli_sweep_writes_json(tmp_path, capsys):
     assert "p95_ttft_ms" in data["runs"][0] and "p99_ttft_ms" not in data["runs"][0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_bench_cli_unreachable_url_exits_1(capsys):
-    rc = pdserve_main(["bench", "--url", f"http://127.0.0.1:{_free_port()}", "--num-prompts", "1", "--disable-tqdm"])
+    rc = pdserve_main(["bench", "--url", f"http://127.0.0.1:{free_port()}", "--num-prompts", "1", "--disable-tqdm"])
     assert rc == 1
     assert "cannot reach" in capsys.readouterr().err
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pdserve.bench.ports import free_port
 from pdserve.kv_transfer.faults import FaultSpec, FaultSwitch, write_faults
 from pdserve.kv_transfer.kv_layout import BlockLayout, LayoutMismatch
 from pdserve.kv_transfer.kv_puller import KVPuller, PullJob, TransferFailed
@@ -24,12 +24,6 @@ from pdserve.kv_transfer.kv_server import KVStreamServicer, LeaseTable, start_se
 ROOT = Path(__file__).resolve().parents[1]
 NUM_BLOCKS = 40
 ENGINE = "engine-p"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _caches(seed: int, layers: int = 2) -> dict[str, torch.Tensor]:
@@ -46,7 +40,7 @@ class Prefill:
         self.layout = BlockLayout(self.caches, NUM_BLOCKS)
         self.table = LeaseTable()
         self.fault_file = str(tmp_path / "faults.json")
-        self.port = _free_port()
+        self.port = free_port()
         servicer = KVStreamServicer(ENGINE, self.table, self.layout, chunk_bytes, FaultSwitch(self.fault_file),
                                     reference_chunk_bytes=reference_chunk_bytes)
         self.server = start_server(servicer, f"127.0.0.1:{self.port}", 8 << 20, None)
@@ -121,7 +115,7 @@ def test_corrupted_chunk_is_detected(prefill, decode):
 
 def test_unreachable_endpoint_fails_fast(decode):
     _, puller = decode
-    job = PullJob("d", "r", ENGINE, "127.0.0.1", _free_port(), [1], 0)
+    job = PullJob("d", "r", ENGINE, "127.0.0.1", free_port(), [1], 0)
     start = time.monotonic()
     with pytest.raises(TransferFailed) as e:
         puller.pull(job)
@@ -333,7 +327,7 @@ def test_pull_over_tls_and_a_plaintext_client_is_refused(tmp_path):
     paths = _self_signed(tmp_path)
     src, dst = _caches(1), _caches(2)
     table = LeaseTable()
-    port = _free_port()
+    port = free_port()
     server = start_server(KVStreamServicer(ENGINE, table, BlockLayout(src, NUM_BLOCKS), 1 << 20, FaultSwitch(None)),
                           f"127.0.0.1:{port}", 8 << 20, TLSFiles(cert=paths["cert"], key=paths["key"]))
     try:
