@@ -3,7 +3,7 @@ session rates, and the goals of adaptive disaggregation checked against the othe
 
     python -m pdserve.bench.cache_sweep [--session-rates 0.5,1.5,3] [--arrival-s 40] [--turns 5]
         [--system-prompt-len 512] [--user-turn-len 64] [--answer-len 64] [--think-time-s 1]
-        [--arms mono-least-loaded,mono-cache-aware,pd-always,pd-adaptive] [--json PATH] [--plot PATH]
+        [--arms mono-least-loaded,mono-cache-aware,pd-always,pd-adaptive] [--repeats 1] [--json PATH] [--plot PATH]
 
 The arms (bench/arms.py): monolithic least-loaded, monolithic cache-aware (prefix scorer),
 P/D always (least-loaded), P/D adaptive + cache-aware. The arms never share the machine: a
@@ -28,6 +28,12 @@ run's own duration also holds the drain after the last arrival, which differs be
 chance; over the same window, two arms that serve every request within the SLOs tie. (vLLM's
 ``request_goodput``, over the run's duration, is kept in the JSON too.)
 
+One run of an arm at a rate is one sample of a machine whose speed drifts: the same arm's
+goodput moves by a fifth between runs minutes apart here. ``--repeats N`` runs every arm N
+times at each rate (fresh clusters, the first arm rotating each time); the table, the plot and
+the goals then take each figure's median over the N runs, and the table lists each run's
+goodput beside the median.
+
 Goals (the adaptive arm against the other three):
   1. its goodput is at least the best other arm's at every rate;
   2. it is above all of them at one rate or more;
@@ -38,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import re
 import time
 import urllib.request
@@ -150,11 +157,52 @@ def sweep_arm(name: str, rates: list[float], spec: MultiTurnSpec, arrival_s: flo
 # goals, table, plot
 
 
+_MEDIAN_KEYS = ("goodput", "p50_ttft_ms", "p95_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "p95_tpot_ms", "p99_tpot_ms",
+                "slo_attainment", "prefix_cache_hit_rate", "request_goodput")
+_SUMMED_KEYS = ("completed", "num_prompts", "good_requests")
+
+
+def merge_rate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One arm's runs at one rate (``--repeats``) as one row: the median of each figure over the
+    runs, the requests and paths summed, each run's goodput kept in ``goodputs``."""
+    out = dict(runs[0])
+    for key in _MEDIAN_KEYS:
+        vals = [r[key] for r in runs if r.get(key) is not None]
+        out[key] = statistics.median(vals) if vals else None
+    for key in _SUMMED_KEYS:
+        out[key] = sum(r.get(key) or 0 for r in runs)
+    paths: dict[str, int] = {}
+    ways: dict[str, float] = {}
+    for r in runs:
+        for k, v in r.get("paths", {}).items():
+            paths[k] = paths.get(k, 0) + v
+        for k, v in r.get("router", {}).get("disaggregation", {}).items():
+            ways[k] = ways.get(k, 0.0) + v
+    out["paths"] = paths
+    if "router" in out:
+        out["router"] = dict(out["router"], disaggregation=ways)
+    out["goodputs"] = [r["goodput"] for r in runs]
+    out["repeats"] = len(runs)
+    return out
+
+
+def merged(arms: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each arm with one row per rate (``merge_rate`` over its repeats), rates ascending."""
+    out = {}
+    for name, arm in arms.items():
+        rates = sorted({r["session_rate"] for r in arm["runs"]})
+        out[name] = dict(arm, runs=[merge_rate([r for r in arm["runs"] if r["session_rate"] == rate])
+                                    for rate in rates])
+    return out
+
+
 def goal_checks(arms: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The three goals as {goal, met, detail}, over the rates every arm has run (a sweep saved
-    part way has run some of a rate's arms); a goal whose arms did not run is left out."""
+    part way has run some of a rate's arms), on the medians over repeats; a goal whose arms did
+    not run is left out."""
     if ADAPTIVE not in arms:
         return []
+    arms = merged(arms)
     others = [a for a in arms if a != ADAPTIVE]
     ad = {r["session_rate"]: r for r in arms[ADAPTIVE]["runs"]}
     rates = sorted(r for r in ad if all(any(x["session_rate"] == r for x in arms[a]["runs"]) for a in others))
@@ -167,6 +215,8 @@ def goal_checks(arms: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             best = max(others, key=lambda a: _at(arms[a], rate)["goodput"])
             per_rate.append((rate, ad[rate]["goodput"], best, _at(arms[best], rate)["goodput"]))
         detail = "; ".join(f"{rate:g}/s: {g:.2f} vs {b} {bg:.2f}" for rate, g, b, bg in per_rate)
+        if any(r["repeats"] > 1 for r in ad.values()):
+            detail = "medians over repeats; " + detail
         checks.append({"goal": "adaptive goodput >= the best other arm's at every rate",
                        "met": all(g >= bg for _, g, _, bg in per_rate), "detail": detail})
         checks.append({"goal": "adaptive goodput above every other arm's at one rate or more",
@@ -201,6 +251,9 @@ def _line(r: dict[str, Any]) -> str:
 
 
 def table(arms: dict[str, dict[str, Any]]) -> list[str]:
+    """One row per rate and arm; with repeats, each figure the median over them (goodput's runs
+    listed beside it) and the requests and paths summed."""
+    arms = merged(arms)
     rows = ["| sessions/s (offered req/s) | arm | completed/sent | TTFT p50 | TTFT p95 | TPOT p50 | TPOT p95 | "
             "goodput (req/s) | SLO met | prefix cache hits | paths |",
             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -213,17 +266,23 @@ def table(arms: dict[str, dict[str, Any]]) -> list[str]:
             paths = ", ".join(f"{k} {v}" for k, v in r["paths"].items()) or "-"
             rows.append(f"| {rate:g} ({r['request_rate']:g}) | {arm['label']} | {r['completed']}/{r['num_prompts']} | "
                         f"{_ms(r['p50_ttft_ms'])} | {_ms(r['p95_ttft_ms'])} | {_ms(r['p50_tpot_ms'], '.2f')} | "
-                        f"{_ms(r['p95_tpot_ms'], '.2f')} | {r['goodput']:.2f} | {_pct(r['slo_attainment'])} | "
+                        f"{_ms(r['p95_tpot_ms'], '.2f')} | {_goodput(r)} | {_pct(r['slo_attainment'])} | "
                         f"{_pct(r['prefix_cache_hit_rate'])} | {paths} |")
     return rows
 
 
+def _goodput(r: dict[str, Any]) -> str:
+    if r.get("repeats", 1) == 1:
+        return f"{r['goodput']:.2f}"
+    return f"{r['goodput']:.2f} ({', '.join(f'{g:.2f}' for g in r['goodputs'])})"
+
+
 def decisions(arms: dict[str, dict[str, Any]]) -> list[str]:
-    """The adaptive decider's choices per rate, by way and reason."""
+    """The adaptive decider's choices per rate, by way and reason (summed over repeats)."""
     if ADAPTIVE not in arms:
         return []
     lines = []
-    for r in arms[ADAPTIVE]["runs"]:
+    for r in merged(arms)[ADAPTIVE]["runs"]:
         d = r["router"]["disaggregation"]
         shown = ", ".join(f"{_way_reason(k)}: {v:g}" for k, v in d.items())
         lines.append(f"  {r['session_rate']:g} sessions/s: {shown or '-'}")
@@ -239,7 +298,7 @@ def _way_reason(labels: str) -> str:
 def plot(arms: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     from pdserve.bench.plots import plot_sweep_panels
 
-    plot_sweep_panels([(a["label"], a["runs"]) for a in arms.values()], path, goodput_key="goodput", title=title)
+    plot_sweep_panels([(a["label"], a["runs"]) for a in merged(arms).values()], path, goodput_key="goodput", title=title)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,8 +333,15 @@ def main(argv=None) -> int:
                    help="rate (default): at each rate every arm in turn, a fresh cluster each, the first arm "
                         "rotating from rate to rate, so a machine whose speed drifts during the sweep weighs on "
                         "every arm alike; arm: each arm's cluster swept over every rate, then the next arm")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="with --order rate: run every arm this many times at each rate, the first arm rotating "
+                        "each time; the table and the goals take each figure's median over the runs")
     p.add_argument("--disable-tqdm", action="store_true")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.repeats > 1 and args.order != "rate":
+        p.error("--repeats needs --order rate (each repeat on fresh clusters)")
     names = [a.strip() for a in args.arms.split(",") if a.strip()]
     try:
         for name in names:
@@ -314,15 +380,19 @@ def main(argv=None) -> int:
             save()
     else:
         for i, rate in enumerate(args.session_rates):
-            for name in names[i % len(names):] + names[:i % len(names)]:  # each rate starts with the next arm
-                one = sweep_arm(name, [rate], spec, args.arrival_s, tokenizer, args.timeout_s, not args.disable_tqdm,
-                                first_index=i)
-                if name in arms:
-                    arms[name]["runs"] += one["runs"]
-                    arms[name]["wall_s"] += one["wall_s"]
-                else:
-                    arms[name] = one
-                save()
+            for k in range(args.repeats):
+                first = (i + k) % len(names)  # each rate, and each repeat of it, starts with the next arm
+                for name in names[first:] + names[:first]:
+                    one = sweep_arm(name, [rate], spec, args.arrival_s, tokenizer, args.timeout_s,
+                                    not args.disable_tqdm, first_index=i)
+                    for row in one["runs"]:
+                        row["repeat"] = k
+                    if name in arms:
+                        arms[name]["runs"] += one["runs"]
+                        arms[name]["wall_s"] += one["wall_s"]
+                    else:
+                        arms[name] = one
+                    save()
         arms = {name: arms[name] for name in names}
     total_s = time.perf_counter() - t0
     checks = goal_checks(arms)

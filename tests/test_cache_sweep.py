@@ -119,3 +119,43 @@ def test_by_rate_every_arm_runs_each_rate_on_a_fresh_cluster_the_first_arm_rotat
     calls.clear()
     assert cache_sweep.main(argv + ["--order", "arm"]) == 0
     assert calls == [("mono-least-loaded", (1.0, 2.0, 3.0), 0), ("pd-adaptive", (1.0, 2.0, 3.0), 0)]
+
+
+def test_repeats_run_every_arm_again_at_each_rate_and_the_goals_take_medians(monkeypatch, tmp_path):
+    calls = []
+    goodput = {("mono-least-loaded", 0): [5.0, 9.0, 6.0], ("pd-adaptive", 0): [6.0, 5.5, 7.0]}
+
+    def fake_sweep_arm(name, rates, spec, arrival_s, tokenizer, timeout_s, progress, first_index=0):
+        calls.append((name, first_index))
+        g = goodput[(name, first_index)][sum(1 for c in calls if c == (name, first_index)) - 1]
+        return {"name": name, "label": name, "wall_s": 1.0,
+                "runs": [dict(_run(r, g), router={"disaggregation": {"reason=cheapest,way=pd": 2.0}}) for r in rates]}
+
+    monkeypatch.setattr(cache_sweep, "sweep_arm", fake_sweep_arm)
+    monkeypatch.setattr(cache_sweep, "plot", lambda *a, **k: None)
+    monkeypatch.setattr("pdserve.bench.bench_cli.load_tokenizer", lambda *a, **k: None)
+    out = tmp_path / "s.json"
+    argv = ["--arms", "mono-least-loaded,pd-adaptive", "--session-rates", "1", "--repeats", "3", "--json", str(out)]
+    assert cache_sweep.main(argv) == 0
+    # three rounds, each on fresh clusters, the first arm rotating
+    assert [c[0] for c in calls] == ["mono-least-loaded", "pd-adaptive", "pd-adaptive", "mono-least-loaded",
+                                     "mono-least-loaded", "pd-adaptive"]
+    import json
+
+    saved = json.loads(out.read_text())
+    assert [r["repeat"] for r in saved["arms"]["pd-adaptive"]["runs"]] == [0, 1, 2]
+    # medians: adaptive 6.0 against 6.0: at least the best (met), above it nowhere (missed);
+    # the one lucky 9.0 of monolithic does not decide it, as a single run would
+    assert [g["met"] for g in saved["goals"][:2]] == [True, False]
+    assert saved["goals"][0]["detail"].startswith("medians over repeats; 1/s: 6.00 vs mono-least-loaded 6.00")
+    rows = table(saved["arms"])
+    assert "| 6.00 (6.00, 5.50, 7.00) |" in rows[3] and "| 150/150 |" in rows[3]
+    assert cache_sweep.decisions(saved["arms"]) == ["  1 sessions/s: pd cheapest: 6"]
+
+
+def test_repeats_need_fresh_clusters_per_rate(capsys):
+    for argv, msg in ((["--repeats", "0"], "--repeats must be at least 1"),
+                      (["--repeats", "2", "--order", "arm"], "--repeats needs --order rate")):
+        with pytest.raises(SystemExit) as e:
+            cache_sweep.main(argv)
+        assert e.value.code == 2 and msg in capsys.readouterr().err
