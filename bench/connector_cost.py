@@ -1,0 +1,120 @@
+"""Benchmark: what a KV connector costs an engine that serves whole requests, with no transfer.
+
+    python -m pdserve.bench.connector_cost [--config configs/cpu-pd.yaml] [--rounds 2 --num-prompts 200 --rate 8]
+
+Every engine of a P/D pool carries a KV connector, and under `router.disaggregation: adaptive`
+most of their requests are whole ones that never touch it. This runs vLLM's own OpenAI server
+(bench/vllm_server.py: the config's engine settings and pdserve's engine environment) with its
+engine processes on ``--core``, three ways, one at a time, each round in turn:
+
+* ``none``: no KV connector;
+* ``vllm-nixl``: vLLM's own NixlConnector, as ``vllm serve --kv-transfer-config`` gives it;
+* ``pdserve``: the connector a P/D engine of the config gets (kv_transfer/registry.py), e.g.
+  pdserve's NixlConnector, whose NIXL progress thread sleeps between events
+  (kv_transfer/nixl_internals.py) where vLLM's spins on the engine's core.
+
+vLLM's own client (``vllm.benchmarks.serve``, chat, random prompts, Poisson arrivals, on
+``--client-core``) sends each the same workload. It prints each run's TTFT / TPOT / ITL
+medians and p99s and each arm's medians over ``none``'s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any, Optional
+
+from pdserve.bench.serving_cost import FIGURES, vllm_bench_serve
+
+ROOT = Path(__file__).resolve().parents[1]
+ARMS = ("none", "vllm-nixl", "pdserve")
+
+
+def kv_transfer_config(arm: str, cfg) -> Optional[dict[str, Any]]:
+    """The ``--kv-transfer-config`` of ``arm`` for vLLM's server (None: no connector)."""
+    if arm == "none":
+        return None
+    if arm == "vllm-nixl":
+        return {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": cfg.kv_transfer.buffer_device}
+    if arm == "pdserve":
+        from pdserve.bench.ports import free_port
+        from pdserve.kv_transfer.registry import kv_transfer_config_for
+
+        # the decode engine's connector (prefill and decode differ only in kv_role); its own KV
+        # port free, as an engine replica's is
+        return dict(kv_transfer_config_for(cfg, "decode", port=free_port(), host="127.0.0.1"), kv_role="kv_both")
+    raise ValueError(f"unknown arm {arm!r}: one of {', '.join(ARMS)}")
+
+
+def with_connector(cfg, arm: str):
+    """``cfg`` with ``arm``'s connector added to its engine arguments."""
+    kv = kv_transfer_config(arm, cfg)
+    kwargs = {k: v for k, v in cfg.engine.engine_kwargs.items() if k != "kv_transfer_config"}
+    if kv is not None:
+        kwargs["kv_transfer_config"] = kv
+    return cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"engine_kwargs": kwargs})})
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Each arm's medians over its runs, and each arm's medians over ``none``'s."""
+    medians = {arm: {k: statistics.median(r[k] for r in rs) for k in FIGURES} for arm, rs in runs.items() if rs}
+    base = medians.get("none")
+    ratios = {arm: {k: m[k] / base[k] for k in FIGURES if base[k]} for arm, m in medians.items()
+              if base and arm != "none"}
+    return {"runs": runs, "medians": medians, "ratios_to_none": ratios}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from pdserve.bench.vllm_server import VllmServer
+    from pdserve.engine.tiny_model import resolve_model
+    from pdserve.settings.cluster import load_config
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "cpu-pd.yaml"),
+                   help="a P/D config: its engine settings and its KV transport")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
+    p.add_argument("--core", type=int, default=1, help="the core the engine runs on")
+    p.add_argument("--client-core", type=int, default=0, help="the core vLLM's client runs on (-1: any)")
+    p.add_argument("--rounds", type=int, default=2, help="runs per arm, in turn")
+    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--rate", type=float, default=8.0)
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--json", default=None, help="also write the report here")
+    args = p.parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if not arms or set(arms) - set(ARMS) or len(set(arms)) != len(arms):
+        p.error(f"--arms: each of {','.join(ARMS)} at most once, got {args.arms!r}")
+    if args.rounds < 1 or args.num_prompts < 1 or args.rate <= 0:
+        p.error("--rounds and --num-prompts must be >= 1 and --rate > 0")
+    cfg = load_config(args.config)
+    if cfg.kv_transfer is None or cfg.mode != "pd":
+        p.error(f"{args.config} is not a P/D config: its engines carry no KV connector")
+    client = dict(tokenizer=resolve_model(cfg.model.path), num_prompts=args.num_prompts, rate=args.rate,
+                  input_len=args.input_len, output_len=args.output_len, seed=0,
+                  client_core=None if args.client_core < 0 else args.client_core)
+    log = ROOT / "bench" / "results" / "connector_cost_vllm_server.log"  # kept out of git
+    log.parent.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
+    for i in range(args.rounds):
+        for arm in arms[i % len(arms):] + arms[:i % len(arms)]:  # each round starts with the next arm
+            with VllmServer(with_connector(cfg, arm), core=args.core, log_path=str(log), engine_only=True) as s:
+                result = vllm_bench_serve(s.url, cfg.model.served_name, **dict(client, seed=i))
+            runs[arm].append(result)
+            print(f"round {i + 1}: {arm:<10} " + json.dumps({k: round(result[k], 2) for k in FIGURES}), flush=True)
+    report = summarize(runs)
+    print(f"\nvLLM's server, vLLM bench serve, chat, {args.input_len} in / {args.output_len} out, Poisson "
+          f"{args.rate}/s, {args.num_prompts} prompts per run; medians over {args.rounds} rounds")
+    print(f"{'arm':<12}" + "".join(f"{k:>16}" for k in FIGURES))
+    for arm, m in report["medians"].items():
+        print(f"{arm:<12}" + "".join(f"{m[k]:>16.2f}" for k in FIGURES))
+    for arm, r in report["ratios_to_none"].items():
+        print(f"{arm + '/none':<12}" + "".join(f"{r.get(k, float('nan')):>15.2f}x" for k in FIGURES))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
