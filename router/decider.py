@@ -19,7 +19,8 @@ Of the two whole ways that meet them, the one with the most slack wins (the smal
 ratio of prediction to SLO: in effect the less loaded engine, counting what each caches; within
 ``tie_margin`` of each other, the engine with fewer requests); P/D
 only when neither whole way meets them and P/D does; when no way does, the whole way that
-misses by the least ratio (P/D spends more of an overloaded cluster per request). Only cached tokens
+misses by the least ratio, the engine with fewer requests within ``tie_margin`` (P/D spends
+more of an overloaded cluster per request). Only cached tokens
 (router/prefix_index.py) are left out of a prefill: a decode engine that already holds most
 of a conversation prefills the rest quickly, so repeat turns stay local.
 
@@ -170,11 +171,7 @@ def decide(m: Measurements, s: Situation) -> Decision:
     local_miss = preds["decode_local"].miss(s)
     turned_down = None if local_miss is None else f"decode_local_{local_miss}"
     if whole:
-        best = min(whole, key=slack)
-        if len(whole) == 2 and abs(preds[whole[0]].overshoot(s) - preds[whole[1]].overshoot(s)) < s.tie_margin:
-            load = {"decode_local": s.decode_running + s.decode_waiting,
-                    "prefill_whole": s.prefill_running + s.prefill_waiting}
-            best = min(whole, key=lambda w: (load[w], WAYS.index(w)))
+        best = _whole_way(whole, preds, s)
         if best == "decode_local":
             return Decision(best, "cheapest", preds)
         return Decision(best, turned_down or "least_loaded", preds)
@@ -182,4 +179,17 @@ def decide(m: Measurements, s: Situation) -> Decision:
         return Decision("pd", turned_down, preds)
     # Past every SLO the cluster is overloaded, and P/D spends more of it per request (a prefill
     # on one engine, the KV transfer, the decode on another): the whole way that misses least.
-    return Decision(min((w for w in allowed if w in WHOLE), key=slack), "best_effort", preds)
+    return Decision(_whole_way([w for w in allowed if w in WHOLE], preds, s), "best_effort", preds)
+
+
+def _whole_way(ways: list[str], preds: dict[str, Prediction], s: Situation) -> str:
+    """Of whole ways that all meet the SLOs, or all miss them, the one with the most slack; two
+    within ``tie_margin`` of each other go to the engine with fewer requests (predictions carry
+    the fits' noise; a queue is counted), so that neither engine takes every request of a
+    stretch in which its fit happens to look a little better."""
+    best = min(ways, key=lambda w: (preds[w].overshoot(s), WAYS.index(w)))
+    if len(ways) == 2 and abs(preds[ways[0]].overshoot(s) - preds[ways[1]].overshoot(s)) < s.tie_margin:
+        load = {"decode_local": s.decode_running + s.decode_waiting,
+                "prefill_whole": s.prefill_running + s.prefill_waiting}
+        best = min(ways, key=lambda w: (load[w], WAYS.index(w)))
+    return best

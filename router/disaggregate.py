@@ -33,6 +33,13 @@ def ahead(c: Candidate) -> int:
     return max(c.running + c.waiting, c.inflight)
 
 
+def queued(c: Candidate) -> int:
+    """Requests waiting on a replica: as its last load report says, or, if more, the requests this
+    router sent it beyond those it reported running. Reports come every poll interval; between
+    two of them a burst of requests would all see the same queues and all go the same way."""
+    return max(c.waiting, c.inflight - c.running)
+
+
 class Disaggregator:
     def __init__(self, router: "Router") -> None:
         self.cfg = router.cfg
@@ -82,8 +89,8 @@ class Disaggregator:
             ttft_slo_s=slo["ttft_ms"] / 1000, tpot_slo_s=slo["tpot_ms"] / 1000,
             running_tpot_slo_s=self._running_tpot_s,
             prefill_cached=self.cached(sel, p.replica_id), decode_cached=self.cached(sel, d.replica_id),
-            prefill_ahead=ahead(p), prefill_running=max(p.running, p.inflight), prefill_waiting=p.waiting,
-            decode_running=max(d.running, d.inflight), decode_waiting=d.waiting,
+            prefill_ahead=ahead(p), prefill_running=max(p.running, p.inflight), prefill_waiting=queued(p),
+            decode_running=max(d.running, d.inflight), decode_waiting=queued(d),
             prefill_room=ahead(p) < r.decider.prefill_whole_max_running and p.kv_cache_usage < r.decode_kv_headroom,
             headroom=r.decider.slo_headroom, tie_margin=r.decider.whole_tie_margin)
 
@@ -118,9 +125,10 @@ class Disaggregator:
             uncached = self.count_hit(ctx, pool, leg.replica_id)
             if pool in ("prefill", "decode"):
                 wait = ctx.ticket.queue_wait_s if ctx.ticket is not None else 0.0
-                # Only queued requests wait ahead of a whole request's prefill; the requests the
-                # engine runs slow it down, and the pool's fit keeps that (the prediction matches).
-                self.measure.prefill_done(pool, uncached, max(0.0, ttft_s - wait), picked.waiting)
+                # Only queued requests wait ahead of a whole request's prefill (counted as the
+                # prediction counts them); the requests the engine runs slow it down, and the
+                # pool's fit keeps that.
+                self.measure.prefill_done(pool, uncached, max(0.0, ttft_s - wait), queued(picked))
 
     def observe_poll(self, prefill_replicas: int) -> None:
         """Once per load poll: the prefill engines' busy share, and /metrics."""

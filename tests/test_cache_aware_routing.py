@@ -260,3 +260,29 @@ def test_served_requests_feed_the_measurements_the_decider_reads():
     m = c.router.disaggregator.measure
     run(c.serve(BODY, endpoint="completions"))  # whole on a decode engine: its TTFT is its prefill
     assert m.prefill["decode"].samples == 1 and m.prefill["prefill"].samples == 0 and m.prefill["pd"].samples == 0
+
+
+def test_requests_sent_since_a_replicas_last_load_report_count_as_queued_there():
+    """Load reports come every poll interval: the decider counts what this router has sent a
+    replica beyond what it last reported running as waiting there, so a burst between two
+    reports does not see the same queues and all go the same way."""
+    from types import SimpleNamespace
+
+    from pdserve.router.disaggregate import queued
+
+    assert queued(Candidate("d0", "decode", running=10, waiting=2, inflight=11)) == 2  # the report is fresher
+    assert queued(Candidate("d0", "decode", running=10, waiting=2, inflight=16)) == 6  # 4 more sent since
+    c = cluster(disaggregation="adaptive")
+    ctx = SimpleNamespace(selection=SelectionRequest(None, 100), checked=SimpleNamespace(prompt_tokens=100),
+                          cls="standard", body={})
+    p = Candidate("p0", "prefill", running=3, waiting=0, inflight=3)
+    d = Candidate("d0", "decode", running=3, waiting=0, inflight=9)  # 6 sent since the report
+    s = c.router.disaggregator.situation(ctx, p, d)
+    assert (s.decode_running, s.decode_waiting, s.prefill_waiting) == (9, 6, 0)
+    # with equal reports, the engine that took the burst now looks slower to start the next request
+    warm(c, prefill_s_per_token=1e-5, step_s=0.005)
+    m = c.router.disaggregator.measure.snapshot()
+    from pdserve.router.decider import predict
+
+    preds = predict(m, s)
+    assert preds["decode_local"].ttft_s > preds["prefill_whole"].ttft_s

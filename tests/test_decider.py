@@ -229,3 +229,16 @@ def test_admission_counts_the_prefill_pool_when_adaptive_serves_whole_there():
     no_room = adaptive.router.decider.model_copy(update={"prefill_whole_max_running": 0})
     pinned = adaptive.model_copy(update={"router": adaptive.router.model_copy(update={"decider": no_room})})
     assert Router.serving_replicas(pinned) == cfg.decode.max_replicas
+
+
+def test_past_every_slo_whole_ways_within_the_tie_margin_go_to_the_engine_with_fewer_requests():
+    # every step misses TPOT; the decode engine holds all but 10 tokens of the prompt, so its
+    # local prefill stalls its decodes less, but it runs 5 requests to the prefill engine's 4
+    slow = replace(M, decode_step=Line(0.060, 0.001), output_tokens=40)
+    s = situation(decode_running=5, decode_cached=990, prefill_running=4, prefill_ahead=4, prefill_room=True,
+                  ttft_slo_s=5.0)
+    assert decide(slow, s).way == "decode_local"  # no margin: the smaller miss wins
+    d = decide(slow, replace(s, tie_margin=0.05))
+    assert (d.way, d.reason) == ("prefill_whole", "best_effort")
+    # a miss smaller by more than the margin still wins (shorter answers: a stall weighs more)
+    assert decide(replace(slow, output_tokens=20), replace(s, tie_margin=0.05)).way == "decode_local"
