@@ -167,7 +167,6 @@ def decide(m: Measurements, s: Situation) -> Decision:
     allowed = [w for w in WAYS if w != "prefill_whole" or s.prefill_room]
     meets = [w for w in allowed if preds[w].miss(s) is None]
     whole = [w for w in meets if w in WHOLE]
-    slack = lambda w: (preds[w].overshoot(s), WAYS.index(w))  # noqa: E731
     local_miss = preds["decode_local"].miss(s)
     turned_down = None if local_miss is None else f"decode_local_{local_miss}"
     if whole:
