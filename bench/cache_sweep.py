@@ -44,8 +44,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import re
+import statistics
 import time
 import urllib.request
 from dataclasses import replace

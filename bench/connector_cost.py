@@ -25,7 +25,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional
 
-from pdserve.bench.serving_cost import FIGURES, vllm_bench_serve
+from pdserve.bench.serving_cost import FIGURES, add_client_args, client_settings, vllm_bench_serve
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("none", "vllm-nixl", "pdserve")
@@ -75,25 +75,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="a P/D config: its engine settings and its KV transport")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     p.add_argument("--core", type=int, default=1, help="the core the engine runs on")
-    p.add_argument("--client-core", type=int, default=0, help="the core vLLM's client runs on (-1: any)")
-    p.add_argument("--rounds", type=int, default=2, help="runs per arm, in turn")
-    p.add_argument("--num-prompts", type=int, default=200)
-    p.add_argument("--rate", type=float, default=8.0)
-    p.add_argument("--input-len", type=int, default=256)
-    p.add_argument("--output-len", type=int, default=64)
+    add_client_args(p, num_prompts=200, rate=8.0, rounds_help="runs per arm, in turn")
     p.add_argument("--json", default=None, help="also write the report here")
     args = p.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if not arms or set(arms) - set(ARMS) or len(set(arms)) != len(arms):
         p.error(f"--arms: each of {','.join(ARMS)} at most once, got {args.arms!r}")
-    if args.rounds < 1 or args.num_prompts < 1 or args.rate <= 0:
-        p.error("--rounds and --num-prompts must be >= 1 and --rate > 0")
     cfg = load_config(args.config)
     if cfg.kv_transfer is None or cfg.mode != "pd":
         p.error(f"{args.config} is not a P/D config: its engines carry no KV connector")
-    client = dict(tokenizer=resolve_model(cfg.model.path), num_prompts=args.num_prompts, rate=args.rate,
-                  input_len=args.input_len, output_len=args.output_len, seed=0,
-                  client_core=None if args.client_core < 0 else args.client_core)
+    client = client_settings(p, args, resolve_model(cfg.model.path), seed=0)
     log = ROOT / "bench" / "results" / "connector_cost_vllm_server.log"  # kept out of git
     log.parent.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}

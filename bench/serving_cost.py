@@ -71,6 +71,24 @@ def vllm_bench_serve(url: str, model: str, tokenizer: str, *, num_prompts: int, 
     raise RuntimeError(f"vLLM's client failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
 
 
+def add_client_args(p: argparse.ArgumentParser, *, num_prompts: int, rate: float, rounds_help: str) -> None:
+    """The runs and vLLM's client's workload, as the cost benchmarks take them."""
+    p.add_argument("--client-core", type=int, default=0, help="the core vLLM's client runs on (-1: any)")
+    p.add_argument("--rounds", type=int, default=2, help=rounds_help)
+    p.add_argument("--num-prompts", type=int, default=num_prompts)
+    p.add_argument("--rate", type=float, default=rate)
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=64)
+
+
+def client_settings(p: argparse.ArgumentParser, args: argparse.Namespace, tokenizer: str, seed: int) -> dict[str, Any]:
+    """``vllm_bench_serve``'s keyword arguments from ``add_client_args``' (refused by ``p`` when out of range)."""
+    if args.rounds < 1 or args.num_prompts < 1 or args.rate <= 0:
+        p.error("--rounds and --num-prompts must be >= 1 and --rate > 0")
+    return dict(tokenizer=tokenizer, num_prompts=args.num_prompts, rate=args.rate, input_len=args.input_len,
+                output_len=args.output_len, seed=seed, client_core=None if args.client_core < 0 else args.client_core)
+
+
 def one_engine(cfg, core: int):
     """``cfg`` served monolithic by one engine replica on ``core``, autoscaling off."""
     mono = cfg.monolithic.model_copy(update={"replicas": 1, "cpu_cores": [str(core)], "autoscaling": None})
@@ -135,27 +153,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "cpu-monolithic.yaml"))
     p.add_argument("--core", type=int, default=1, help="the core both servers' engine runs on")
-    p.add_argument("--client-core", type=int, default=0, help="the core vLLM's client runs on (-1: any)")
-    p.add_argument("--rounds", type=int, default=2, help="runs per server, alternating")
-    p.add_argument("--num-prompts", type=int, default=100)
-    p.add_argument("--rate", type=float, default=4.0)
-    p.add_argument("--input-len", type=int, default=256)
-    p.add_argument("--output-len", type=int, default=64)
+    add_client_args(p, num_prompts=100, rate=4.0, rounds_help="runs per server, alternating")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vllm-placements", default=",".join(PLACEMENTS),
                    help="where vLLM's server runs, each every round: engine (its engine processes on --core, "
                         "as pdserve places them), free (only the compute threads bound), confined (all on --core)")
     p.add_argument("--json", default=None, help="also write the report here")
     args = p.parse_args(argv)
-    if args.rounds < 1 or args.num_prompts < 1 or args.rate <= 0:
-        p.error("--rounds and --num-prompts must be >= 1 and --rate > 0")
     placements = [x.strip() for x in args.vllm_placements.split(",") if x.strip()]
     if not placements or set(placements) - set(PLACEMENTS):
         p.error(f"--vllm-placements: a comma-separated subset of {','.join(PLACEMENTS)}, got {args.vllm_placements!r}")
     cfg = one_engine(load_config(args.config), args.core)
-    client = dict(tokenizer=resolve_model(cfg.model.path), num_prompts=args.num_prompts, rate=args.rate,
-                  input_len=args.input_len, output_len=args.output_len, seed=args.seed,
-                  client_core=None if args.client_core < 0 else args.client_core)
+    client = client_settings(p, args, resolve_model(cfg.model.path), args.seed)
     runs: dict[str, list[dict[str, Any]]] = {**{f"vllm-{x}": [] for x in placements}, "pdserve": []}
     log = ROOT / "bench" / "results" / "serving_cost_vllm_server.log"  # vLLM's server's output, kept out of git
     log.parent.mkdir(parents=True, exist_ok=True)
