@@ -15,9 +15,9 @@ For each way it predicts the request's TTFT and TPOT, and the TPOT of the decode
 running on the engine whose steps the request's prefill stalls; a way meets the SLOs when
 each prediction is within ``headroom`` of its SLO (the request's class SLO; the strictest
 class's TPOT for the running decodes, whose classes the router does not track per engine).
-Of the two whole ways that meet them, the one with the most slack wins (the smaller largest
-ratio of prediction to SLO: in effect the less loaded engine, counting what each caches; within
-``tie_margin`` of each other, the engine with fewer requests); P/D
+Of the two whole ways that meet them, the one with the shorter predicted TTFT wins (it counts
+what each engine caches and what waits there); within ``tie_margin`` of the TTFT SLO of each
+other, the engine that caches more of the prompt, then the one with fewer requests. P/D
 only when neither whole way meets them and P/D does; when no way does, the whole way that
 misses by the least ratio, the engine with fewer requests within ``tie_margin`` (P/D spends
 more of an overloaded cluster per request). Only cached tokens
@@ -153,9 +153,10 @@ def decide(m: Measurements, s: Situation) -> Decision:
     """The way for one request, and why (the reason the metric counts):
 
     * ``warmup``: too few measurements yet: P/D, as ``always`` would;
-    * ``cheapest``: whole on the decode engine meets every SLO, with the most slack;
-    * ``least_loaded``: whole on the prefill engine, which meets every SLO with more slack
-      than the decode engine;
+    * ``cheapest``: whole on the decode engine, which meets every SLO, and first token soonest
+      (or caches more of the prompt, within the tie margin);
+    * ``least_loaded``: whole on the prefill engine, which meets every SLO, and first token
+      sooner than on the decode engine (or caches more, or runs fewer requests, within the margin);
     * ``<way>_<slo>``: a cheaper way was turned down (the decode engine's reason: ``ttft``,
       ``tpot``, ``running_tpot``);
     * ``best_effort``: no way meets every SLO: the whole way that misses by the least (an
@@ -170,7 +171,7 @@ def decide(m: Measurements, s: Situation) -> Decision:
     local_miss = preds["decode_local"].miss(s)
     turned_down = None if local_miss is None else f"decode_local_{local_miss}"
     if whole:
-        best = _whole_way(whole, preds, s)
+        best = _whole_way(whole, preds, s, meet=True)
         if best == "decode_local":
             return Decision(best, "cheapest", preds)
         return Decision(best, turned_down or "least_loaded", preds)
@@ -178,17 +179,34 @@ def decide(m: Measurements, s: Situation) -> Decision:
         return Decision("pd", turned_down, preds)
     # Past every SLO the cluster is overloaded, and P/D spends more of it per request (a prefill
     # on one engine, the KV transfer, the decode on another): the whole way that misses least.
-    return Decision(_whole_way([w for w in allowed if w in WHOLE], preds, s), "best_effort", preds)
+    return Decision(_whole_way([w for w in allowed if w in WHOLE], preds, s, meet=False), "best_effort", preds)
 
 
-def _whole_way(ways: list[str], preds: dict[str, Prediction], s: Situation) -> str:
-    """Of whole ways that all meet the SLOs, or all miss them, the one with the most slack; two
-    within ``tie_margin`` of each other go to the engine with fewer requests (predictions carry
-    the fits' noise; a queue is counted), so that neither engine takes every request of a
-    stretch in which its fit happens to look a little better."""
+def _whole_way(ways: list[str], preds: dict[str, Prediction], s: Situation, meet: bool) -> str:
+    """Of two whole ways that both meet the SLOs (``meet``) or both miss them, which one.
+
+    Both meet: the one with the shorter predicted TTFT, which counts what each engine caches of
+    the prompt and what waits there (their TPOTs are within the SLOs either way, and at low load
+    the TPOT ratios, which do not see the cache, would decide). Within ``tie_margin`` of the TTFT
+    SLO of each other, the engine that caches more of the prompt (a conversation stays where its
+    history is, as with the monolithic ``prefix`` scorer), then the one with fewer requests: the
+    two pools' prefill fits carry noise, and new conversations should not all follow the fit that
+    happens to look a little cheaper.
+
+    Both miss: the one that misses by the least ratio; within ``tie_margin`` of each other, the
+    engine with fewer requests (a queue is counted; the fits' noise is not)."""
+    if len(ways) == 1:
+        return ways[0]
+    load = {"decode_local": s.decode_running + s.decode_waiting,
+            "prefill_whole": s.prefill_running + s.prefill_waiting}
+    if meet:
+        ttft = {w: preds[w].ttft_s / s.ttft_slo_s for w in ways}
+        best = min(ways, key=lambda w: (ttft[w], WAYS.index(w)))
+        if abs(ttft[ways[0]] - ttft[ways[1]]) < s.tie_margin:
+            cached = {"decode_local": s.decode_cached, "prefill_whole": s.prefill_cached}
+            best = min(ways, key=lambda w: (-cached[w], load[w], WAYS.index(w)))
+        return best
     best = min(ways, key=lambda w: (preds[w].overshoot(s), WAYS.index(w)))
-    if len(ways) == 2 and abs(preds[ways[0]].overshoot(s) - preds[ways[1]].overshoot(s)) < s.tie_margin:
-        load = {"decode_local": s.decode_running + s.decode_waiting,
-                "prefill_whole": s.prefill_running + s.prefill_waiting}
+    if abs(preds[ways[0]].overshoot(s) - preds[ways[1]].overshoot(s)) < s.tie_margin:
         best = min(ways, key=lambda w: (load[w], WAYS.index(w)))
     return best

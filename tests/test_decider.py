@@ -182,16 +182,34 @@ def test_of_two_whole_ways_that_meet_the_slos_the_less_loaded_engine_wins():
     assert decide(M, situation(prefill_room=True)).way == "decode_local"
 
 
-def test_whole_ways_within_the_tie_margin_go_to_the_engine_with_fewer_requests():
-    # the decode engine holds 300 more tokens of the prompt (15 ms less prefill) but runs 3
-    # requests, the prefill engine 1
-    s = situation(prompt_tokens=8000, decode_cached=7000, prefill_cached=6700, decode_running=3, prefill_running=1,
-                  prefill_ahead=1, prefill_room=True, tpot_slo_s=0.2, running_tpot_slo_s=0.2)
-    assert decide(M, s).way == "decode_local"  # no margin: the smaller ratio wins
-    d = decide(M, replace(s, tie_margin=0.05))
+def test_of_two_whole_ways_that_meet_the_slos_the_engine_holding_the_conversation_wins():
+    # low load: the decode engine holds 900 of the prompt's 1000 tokens and runs 5 requests, the
+    # prefill engine holds 500 and runs 1. Every TPOT is within its SLO; the TPOT ratios, which
+    # do not see the cache, favour the prefill engine, the first token the decode engine
+    s = situation(decode_cached=900, prefill_cached=500, decode_running=5, prefill_running=1, prefill_ahead=1,
+                  prefill_room=True)
+    p = predict(M, s)
+    assert p["prefill_whole"].overshoot(s) < p["decode_local"].overshoot(s)
+    assert p["decode_local"].ttft_s < p["prefill_whole"].ttft_s
+    assert decide(M, s).way == "decode_local"
+    assert decide(M, replace(s, tie_margin=0.05)).way == "decode_local"
+
+
+def test_whole_ways_within_the_tie_margin_go_to_the_engine_caching_more_then_to_fewer_requests():
+    # one request queued on the decode engine doubles its prefill: 600 uncached tokens there
+    # (84 ms to a first token) against 1000 on the prefill engine (67 ms)
+    s = situation(prompt_tokens=8000, decode_cached=7400, prefill_cached=7000, decode_running=3, decode_waiting=1,
+                  prefill_running=1, prefill_ahead=1, prefill_room=True, tpot_slo_s=0.2, running_tpot_slo_s=0.2)
+    assert decide(M, s).way == "prefill_whole"  # no margin: the sooner first token
+    d = decide(M, replace(s, tie_margin=0.05))  # 17 ms apart, within 25: the conversation stays
+    assert (d.way, d.reason) == ("decode_local", "cheapest")
+    assert decide(M, replace(s, tie_margin=0.05, decode_cached=7300)).way == "prefill_whole"  # 27 ms apart
+    # equal caches: the engine with fewer requests, though the decode pool's fit is 4 ms cheaper
+    fit = replace(M, prefill={**M.prefill, "decode": Line(0.001, 50e-6)})
+    same = replace(s, decode_waiting=0, prefill_cached=7400)
+    assert decide(fit, same).way == "decode_local"
+    d = decide(fit, replace(same, tie_margin=0.05))
     assert (d.way, d.reason) == ("prefill_whole", "least_loaded")
-    # a cache edge past the margin still wins (3,000 more tokens: 150 ms less prefill)
-    assert decide(M, replace(s, tie_margin=0.05, prefill_cached=4000)).way == "decode_local"
 
 
 def test_a_whole_prefill_on_the_prefill_engine_stalls_the_decodes_it_runs():
