@@ -15,12 +15,12 @@ For each way it predicts the request's TTFT and TPOT, and the TPOT of the decode
 running on the engine whose steps the request's prefill stalls; a way meets the SLOs when
 each prediction is within ``headroom`` of its SLO (the request's class SLO; the strictest
 class's TPOT for the running decodes, whose classes the router does not track per engine).
-Of the two whole ways that meet them, the one with the shorter predicted TTFT wins (it counts
-what each engine caches and what waits there); within ``tie_margin`` of the TTFT SLO of each
-other, the engine that caches more of the prompt, then the one with fewer requests. P/D
-only when neither whole way meets them and P/D does; when no way does, the whole way that
-misses by the least ratio, the engine with fewer requests within ``tie_margin`` (P/D spends
-more of an overloaded cluster per request). Only cached tokens
+Of the two whole ways that meet them, the one that adds the least latency over the request
+and the decodes running on its engine (its own TTFT and decode, their stall for its prefill,
+their steps slowed by one more request): what each engine caches and what it runs, weighed in
+seconds. P/D only when neither whole way meets them and P/D does; when no way does, the whole
+way that misses by the least ratio, the engine with fewer requests within ``tie_margin`` (P/D
+spends more of an overloaded cluster per request). Only cached tokens
 (router/prefix_index.py) are left out of a prefill: a decode engine that already holds most
 of a conversation prefills the rest quickly, so repeat turns stay local.
 
@@ -153,10 +153,9 @@ def decide(m: Measurements, s: Situation) -> Decision:
     """The way for one request, and why (the reason the metric counts):
 
     * ``warmup``: too few measurements yet: P/D, as ``always`` would;
-    * ``cheapest``: whole on the decode engine, which meets every SLO, and first token soonest
-      (or caches more of the prompt, within the tie margin);
-    * ``least_loaded``: whole on the prefill engine, which meets every SLO, and first token
-      sooner than on the decode engine (or caches more, or runs fewer requests, within the margin);
+    * ``cheapest``: whole on the decode engine, which meets every SLO and adds the least latency;
+    * ``least_loaded``: whole on the prefill engine, which meets every SLO and adds less latency
+      than the decode engine;
     * ``<way>_<slo>``: a cheaper way was turned down (the decode engine's reason: ``ttft``,
       ``tpot``, ``running_tpot``);
     * ``best_effort``: no way meets every SLO: the whole way that misses by the least (an
@@ -171,7 +170,7 @@ def decide(m: Measurements, s: Situation) -> Decision:
     local_miss = preds["decode_local"].miss(s)
     turned_down = None if local_miss is None else f"decode_local_{local_miss}"
     if whole:
-        best = _whole_way(whole, preds, s, meet=True)
+        best = _whole_way(whole, m, preds, s, meet=True)
         if best == "decode_local":
             return Decision(best, "cheapest", preds)
         return Decision(best, turned_down or "least_loaded", preds)
@@ -179,34 +178,37 @@ def decide(m: Measurements, s: Situation) -> Decision:
         return Decision("pd", turned_down, preds)
     # Past every SLO the cluster is overloaded, and P/D spends more of it per request (a prefill
     # on one engine, the KV transfer, the decode on another): the whole way that misses least.
-    return Decision(_whole_way([w for w in allowed if w in WHOLE], preds, s, meet=False), "best_effort", preds)
+    return Decision(_whole_way([w for w in allowed if w in WHOLE], m, preds, s, meet=False), "best_effort", preds)
 
 
-def _whole_way(ways: list[str], preds: dict[str, Prediction], s: Situation, meet: bool) -> str:
+def added_latency(m: Measurements, s: Situation, way: str, p: Prediction) -> float:
+    """Seconds of latency a whole way adds, summed over the request and the decodes running on
+    its engine: the request's own TTFT and decode (output tokens x TPOT), the running decodes'
+    stall for its prefill, and their steps slowed by one more request for its output's length.
+    What an engine caches shortens the prefill, paid once by the request and once by every
+    decode running there; what it runs lengthens every step. A busy engine that holds the
+    conversation can cost more than an idle one that does not."""
+    running = s.decode_running if way == "decode_local" else s.prefill_running
+    out = max(1.0, m.output_tokens)
+    prefill = max(0.0, p.ttft_s - p.tpot_s)  # the first token is one step after the prefill
+    slope = max(0.0, m.decode_step.slope) if m.decode_step else 0.0
+    return p.ttft_s + out * p.tpot_s + running * (prefill + out * slope)
+
+
+def _whole_way(ways: list[str], m: Measurements, preds: dict[str, Prediction], s: Situation, meet: bool) -> str:
     """Of two whole ways that both meet the SLOs (``meet``) or both miss them, which one.
 
-    Both meet: the one with the shorter predicted TTFT, which counts what each engine caches of
-    the prompt and what waits there (their TPOTs are within the SLOs either way, and at low load
-    the TPOT ratios, which do not see the cache, would decide). Within ``tie_margin`` of the TTFT
-    SLO of each other, the engine that caches more of the prompt (a conversation stays where its
-    history is, as with the monolithic ``prefix`` scorer), then the one with fewer requests: the
-    two pools' prefill fits carry noise, and new conversations should not all follow the fit that
-    happens to look a little cheaper.
-
-    Both miss: the one that misses by the least ratio; within ``tie_margin`` of each other, the
-    engine with fewer requests (a queue is counted; the fits' noise is not)."""
+    Both meet: the one that adds the least latency over the request and the decodes running
+    beside it (``added_latency``). Both miss: the one that misses by the least ratio; within
+    ``tie_margin`` of each other, the engine with fewer requests (a queue is counted; the fits'
+    noise is not)."""
     if len(ways) == 1:
         return ways[0]
-    load = {"decode_local": s.decode_running + s.decode_waiting,
-            "prefill_whole": s.prefill_running + s.prefill_waiting}
     if meet:
-        ttft = {w: preds[w].ttft_s / s.ttft_slo_s for w in ways}
-        best = min(ways, key=lambda w: (ttft[w], WAYS.index(w)))
-        if abs(ttft[ways[0]] - ttft[ways[1]]) < s.tie_margin:
-            cached = {"decode_local": s.decode_cached, "prefill_whole": s.prefill_cached}
-            best = min(ways, key=lambda w: (-cached[w], load[w], WAYS.index(w)))
-        return best
+        return min(ways, key=lambda w: (added_latency(m, s, w, preds[w]), WAYS.index(w)))
     best = min(ways, key=lambda w: (preds[w].overshoot(s), WAYS.index(w)))
     if abs(preds[ways[0]].overshoot(s) - preds[ways[1]].overshoot(s)) < s.tie_margin:
+        load = {"decode_local": s.decode_running + s.decode_waiting,
+                "prefill_whole": s.prefill_running + s.prefill_waiting}
         best = min(ways, key=lambda w: (load[w], WAYS.index(w)))
     return best

@@ -5,8 +5,8 @@ request into a prefill and a decode leg (router/decider.py).
 * ``never``: every request whole on a decode engine (prefilled there), a prefill engine if no
   decode engine is healthy;
 * ``adaptive``: per request, from live measurements (router/measure.py): whole on the chosen
-  decode engine or on the chosen prefill engine (of those that meet the SLOs, the one with the
-  sooner first token, counting what each caches), or
+  decode engine or on the chosen prefill engine (of those that meet the SLOs, the one that adds
+  the least latency, counting what each caches and runs), or
   P/D when neither whole way meets them. Both pools' engines then serve whole requests, so
   admission counts both pools' sequences as capacity.
 
@@ -36,9 +36,7 @@ class DeciderSpec(BaseModel):
     # below router.decode_kv_headroom. 0: never whole on a prefill engine. The decider's
     # predictions already count what a prefill engine runs; this only bounds it.
     prefill_whole_max_running: int = Field(32, ge=0)
-    # Two whole ways that both meet the SLOs with predicted TTFTs closer than this share of the
-    # TTFT SLO are a tie: the engine that caches more of the prompt takes the request, then the
-    # one with fewer requests (the fits carry noise). Two that both miss with largest
-    # prediction-to-SLO ratios closer than this: the one with fewer requests. 0: the shorter
-    # TTFT, or the smaller miss, always wins.
+    # Two whole ways that both miss the SLOs with largest prediction-to-SLO ratios closer than
+    # this are a tie: the engine with fewer requests takes the request (0: the smaller miss
+    # always wins).
     whole_tie_margin: float = Field(0.05, ge=0, le=1)
