@@ -204,6 +204,9 @@ def _start_ray(address: Optional[str], num_cpus: int) -> None:
     if address:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     else:
+        from pdserve.lab.ray_internals import use_in_this_process
+
+        use_in_this_process()  # as a pdserve cluster's own Ray: workers at nice 0
         # "local": a Ray instance of our own even when another one runs on this machine
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)

@@ -17,6 +17,9 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> 
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
+        from pdserve.lab.ray_internals import use_in_this_process
+
+        use_in_this_process()  # Ray's workers (router, replicas, engines) at nice 0, not 15
         ray.init(num_cpus=max(os.cpu_count() or 1, num_cpus or 0), include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
 

@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 from pdserve.lab import netfaults
 from pdserve.lab.errors import LabError
+from pdserve.lab.ray_internals import node_env
 from pdserve.lab.spec import LabSpec
 
 BRIDGE = "pdlab0"
@@ -164,9 +165,10 @@ class Lab:
 
     def env(self) -> dict[str, str]:
         """The environment of every lab process: Ray's token authentication with the lab's own token,
-        so a lab never depends on (or joins) whatever Ray state this machine's user has."""
-        return dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_path),
-                    RAY_USAGE_STATS_ENABLED="0")
+        so a lab never depends on (or joins) whatever Ray state this machine's user has, and Ray's
+        workers at pdserve's niceness (lab/ray_internals.py)."""
+        return node_env(dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_path),
+                             RAY_USAGE_STATS_ENABLED="0"))
 
     def _host_dir(self, name: str) -> Path:
         return self.root / "hosts" / name
