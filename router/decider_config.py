@@ -24,8 +24,10 @@ Disaggregation = Literal["always", "never", "adaptive"]
 class DeciderSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # Each new observation weighs this much in the moving averages the decider reads.
-    ewma_alpha: float = Field(0.2, gt=0, le=1)
+    # Each new observation weighs this much in the moving averages the decider reads: 0.05 keeps
+    # about the last 20-40 (a second or two at tens of requests a second). Single TTFTs and TPOTs
+    # vary by 2x with queues and batches; a line fitted over a handful of them swings with it.
+    ewma_alpha: float = Field(0.05, gt=0, le=1)
     # The decider keeps P/D until it has seen this many prefills, KV transfers and decodes.
     min_samples: int = Field(3, ge=1)
     # A way meets an SLO when its prediction is within this share of it: room for the

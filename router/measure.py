@@ -13,8 +13,9 @@ with exponentially weighted averages.
 * output tokens per request, and the share of time prefill engines spend prefilling.
 
 Each model is a line fitted by exponentially weighted least squares (``EwmaLine``), so it
-follows the cluster as it changes; over samples that all share one x, or whose fit would slope
-down or start below zero (noise over few samples), it is the mean ratio y / x through the origin.
+follows the cluster as it changes; over samples that all share one x, or whose fit would start
+below zero, it is the mean ratio y / x through the origin; over samples whose fit would slope
+down (x does not explain y there), the mean y, flat.
 """
 from __future__ import annotations
 
@@ -49,10 +50,16 @@ class EwmaLine:
         var = self._xx / self._w - mx * mx
         if var > 1e-9 * max(1.0, mx * mx):
             slope = (self._xy / self._w - mx * my) / var
-            if slope >= 0 and my - slope * mx >= 0:
+            if slope < 0:
+                # Sloping down: over these samples x does not explain y (a prefix-cached
+                # conversation's prefills are short and alike; queues and batches decide their
+                # time). The mean, flat: a ratio through the origin would make every short
+                # prefill look slow per token and every long one far slower than it is.
+                return Line(my, 0.0)
+            if my - slope * mx >= 0:
                 return Line(my - slope * mx, slope)
-        # one x seen, or a fit no time can have (sloping down, or below zero at x = 0: noise over
-        # few samples): the mean ratio through the origin
+        # one x seen, or a fit below zero at x = 0 (a steep line over few samples): the mean
+        # ratio through the origin
         return Line(0.0, my / mx) if mx > 0 else Line(my, 0.0)
 
 

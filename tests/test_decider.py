@@ -130,6 +130,16 @@ def test_one_size_of_sample_gives_a_ratio_through_the_origin():
     assert line.line() == Line(0.0, 0.05 / 1000)
 
 
+def test_a_fit_sloping_down_falls_back_to_the_mean_flat():
+    # cached conversations: short prefills whose time the queue decides, not their length
+    line = EwmaLine(alpha=0.5)
+    for x, y in ((60, 0.050), (70, 0.045), (130, 0.040)):
+        line.add(x, y)
+    fit = line.line()
+    assert fit.slope == 0.0 and 0.040 < fit.fixed < 0.050
+    assert fit.at(1000) < 0.05  # not the 0.7 ms per token a ratio through the origin would give
+
+
 def test_a_fit_below_zero_at_the_origin_falls_back_to_the_mean_ratio():
     line = EwmaLine(alpha=0.5)
     for x, y in ((100, 0.001), (1000, 0.2), (1100, 0.25)):  # a steep fit would cross zero near x = 100
