@@ -82,7 +82,7 @@ class Router:
         whole requests on them."""
         if cfg.mode != "pd":
             return cfg.monolithic.max_replicas
-        if cfg.router.disaggregation == "adaptive" and cfg.router.decider.prefill_whole_max_running > 0:
+        if cfg.router.disaggregation == "adaptive" and cfg.router.decider.prefill_whole_max_running != 0:
             return cfg.decode.max_replicas + cfg.prefill.max_replicas
         return cfg.decode.max_replicas
 

@@ -14,7 +14,7 @@ This module imports only pydantic, so any layer may read it (tests/test_import_c
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,9 +35,11 @@ class DeciderSpec(BaseModel):
     slo_headroom: float = Field(0.8, gt=0, le=1)
     # A prefill engine has room for a whole request while it has fewer requests than this
     # (running and queued, or this router's calls in flight if more) and its KV cache usage is
-    # below router.decode_kv_headroom. 0: never whole on a prefill engine. The decider's
+    # below router.decode_kv_headroom. Unset: engine.max_num_seqs, what a decode engine may run
+    # (a lower bound leaves the decode engine every request past it, and it runs twice the
+    # prefill engine's load at the knee). 0: never whole on a prefill engine. The decider's
     # predictions already count what a prefill engine runs; this only bounds it.
-    prefill_whole_max_running: int = Field(32, ge=0)
+    prefill_whole_max_running: Optional[int] = Field(None, ge=0)
     # Two whole ways that both miss the SLOs with largest prediction-to-SLO ratios closer than
     # this are a tie: the engine with fewer requests takes the request (0: the smaller miss
     # always wins).

@@ -52,6 +52,8 @@ class Disaggregator:
         self._exported: set[str] = set()
         slo = router.cfg.slo
         self._running_tpot_s = min(slo.for_class(c)["tpot_ms"] for c in CLASSES) / 1000
+        cap = d.prefill_whole_max_running
+        self._prefill_whole_max = router.cfg.engine.max_num_seqs if cap is None else cap
 
     # ------------------------------------------------------------------ the request
     def selection_request(self, ctx: "RequestCtx") -> SelectionRequest:
@@ -91,7 +93,7 @@ class Disaggregator:
             prefill_cached=self.cached(sel, p.replica_id), decode_cached=self.cached(sel, d.replica_id),
             prefill_ahead=ahead(p), prefill_running=max(p.running, p.inflight), prefill_waiting=queued(p),
             decode_running=max(d.running, d.inflight), decode_waiting=queued(d),
-            prefill_room=ahead(p) < r.decider.prefill_whole_max_running and p.kv_cache_usage < r.decode_kv_headroom,
+            prefill_room=ahead(p) < self._prefill_whole_max and p.kv_cache_usage < r.decode_kv_headroom,
             headroom=r.decider.slo_headroom, tie_margin=r.decider.whole_tie_margin)
 
     # ------------------------------------------------------------------ what requests measured

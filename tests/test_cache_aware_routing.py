@@ -286,3 +286,24 @@ def test_requests_sent_since_a_replicas_last_load_report_count_as_queued_there()
 
     preds = predict(m, s)
     assert preds["decode_local"].ttft_s > preds["prefill_whole"].ttft_s
+
+
+def test_a_prefill_engine_takes_whole_requests_up_to_what_a_decode_engine_may_run_unless_bounded():
+    """Unset, the bound on whole requests on a prefill engine is engine.max_num_seqs: a lower one
+    left the decode engine every request past it, twice the prefill engine's load at the knee."""
+    from types import SimpleNamespace
+
+    ctx = SimpleNamespace(selection=SelectionRequest(None, 100), checked=SimpleNamespace(prompt_tokens=100),
+                          cls="standard", body={})
+    d = Candidate("d0", "decode", running=40, waiting=0, inflight=40)
+
+    def room(c, ahead: int) -> bool:
+        p = Candidate("p0", "prefill", running=ahead, waiting=0, inflight=ahead)
+        return c.router.disaggregator.situation(ctx, p, d).prefill_room
+
+    c = cluster(disaggregation="adaptive")
+    max_seqs = c.cfg.engine.max_num_seqs
+    assert c.cfg.router.decider.prefill_whole_max_running is None
+    assert room(c, 40) and room(c, max_seqs - 1) and not room(c, max_seqs)
+    bounded = cluster(disaggregation="adaptive", decider={"prefill_whole_max_running": 32})
+    assert room(bounded, 31) and not room(bounded, 32)
