@@ -36,8 +36,8 @@ class DeciderSpec(BaseModel):
     # A prefill engine has room for a whole request while it has fewer requests than this
     # (running and queued, or this router's calls in flight if more) and its KV cache usage is
     # below router.decode_kv_headroom. Unset: engine.max_num_seqs, what a decode engine may run
-    # (a lower bound leaves the decode engine every request past it, and it runs twice the
-    # prefill engine's load at the knee). 0: never whole on a prefill engine. The decider's
+    # (a lower bound leaves the decode engine every request past it: past the knee it ran half
+    # as many again as the prefill engine). 0: never whole on a prefill engine. The decider's
     # predictions already count what a prefill engine runs; this only bounds it.
     prefill_whole_max_running: Optional[int] = Field(None, ge=0)
     # Two whole ways that both miss the SLOs with largest prediction-to-SLO ratios closer than

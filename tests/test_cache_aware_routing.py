@@ -290,7 +290,8 @@ def test_requests_sent_since_a_replicas_last_load_report_count_as_queued_there()
 
 def test_a_prefill_engine_takes_whole_requests_up_to_what_a_decode_engine_may_run_unless_bounded():
     """Unset, the bound on whole requests on a prefill engine is engine.max_num_seqs: a lower one
-    left the decode engine every request past it, twice the prefill engine's load at the knee."""
+    left the decode engine every request past it: past the knee, half as many again as the
+    prefill engine's."""
     from types import SimpleNamespace
 
     ctx = SimpleNamespace(selection=SelectionRequest(None, 100), checked=SimpleNamespace(prompt_tokens=100),
