@@ -24,6 +24,11 @@ class RouterSpec(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    # A body up to this size is checked (parsed, validated, its prompt counted) on the event
+    # loop: a few hundred microseconds at most, where a worker thread's hop costs a request up
+    # to the interpreter's switch interval (5 ms) while the loop streams other requests. Larger
+    # bodies, whose prompts take milliseconds to tokenize, go to a worker thread. 0: always a thread.
+    inline_check_max_bytes: int = Field(8192, ge=0)
     request_timeout_s: float = Field(300.0, gt=0)
     prefill_timeout_s: float = Field(30.0, gt=0)
     load_poll_interval_s: float = Field(0.25, gt=0)

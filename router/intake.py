@@ -32,6 +32,7 @@ class Intake:
         self.tenants = router.tenants
         self.checker = router.checker
         self.max_body_bytes = router.cfg.router.max_body_bytes
+        self.inline_max_bytes = router.cfg.router.inline_check_max_bytes
         self.account = router.account
 
     async def take(self, ctx: RequestCtx, request: Any) -> Optional[JSONResponse]:
@@ -41,8 +42,12 @@ class Intake:
             ctx.cls = ctx.tenant.priority_class
             check_media_type(request.headers.get("content-type"))
             raw = await request.body()
-            # JSON parsing and prompt tokenizing take milliseconds on long prompts: off the event loop.
-            checked = await asyncio.to_thread(self._check, ctx.endpoint, raw)
+            # JSON parsing and prompt tokenizing take milliseconds on long prompts: off the event
+            # loop, unless the body is small enough that the thread's hop would cost more.
+            if len(raw) <= self.inline_max_bytes:
+                checked = self._check(ctx.endpoint, raw)
+            else:
+                checked = await asyncio.to_thread(self._check, ctx.endpoint, raw)
             if wants_resume_ids(ctx.endpoint, checked):
                 # Token ids let a broken stream resume elsewhere exactly where it stopped
                 # (decode/resume.py); a client that did not ask for them is not sent them.

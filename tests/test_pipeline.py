@@ -302,6 +302,29 @@ def test_bad_bodies_are_refused_before_admission(raw, status):
     assert not c.engines["p0"].calls
 
 
+@pytest.mark.parametrize("inline_max,padding,on_loop", [(8192, 0, True), (8192, 9000, False), (0, 0, False)])
+def test_a_small_body_is_checked_on_the_event_loop_a_large_one_in_a_thread(inline_max, padding, on_loop):
+    import threading
+
+    c = pd_cluster(inline_check_max_bytes=inline_max)
+    router = c.build()
+    check, threads = router.pipeline.intake.checker.check, []
+
+    def recording_check(endpoint, body):
+        threads.append(threading.get_ident())
+        return check(endpoint, body)
+
+    router.pipeline.intake.checker.check = recording_check
+
+    async def main():
+        body = dict(CHAT, messages=[{"role": "user", "content": "hi" + " " * padding}])
+        return await c.serve(body), threading.get_ident()
+
+    r, loop_thread = run(main())
+    assert r.status_code == 200 and len(threads) == 1
+    assert (threads[0] == loop_thread) is on_loop
+
+
 def test_unknown_model_is_404():
     c = pd_cluster()
     r = serve(c, dict(CHAT, model="other"))
