@@ -26,7 +26,8 @@ of a conversation prefills the rest quickly, so repeat turns stay local.
 
 The models, all linear fits the measurements keep current:
   P/D prefill leg      seconds = fixed + per_token * uncached tokens, times (1 + requests
-                       ahead on the prefill engine: they share its steps)
+                       ahead on the prefill engine: they share its steps); at least the
+                       prefill engine's whole-request prefill below
   whole-request prefill (per pool)  the same line, times (1 + requests waiting on that engine);
                        the requests it runs slow a prefill down, and the fit keeps that. Both
                        whole ways are predicted alike, so neither engine looks cheaper than it is
@@ -136,6 +137,11 @@ def predict(m: Measurements, s: Situation) -> dict[str, Prediction]:
     stalled_p = lambda prefill_s: tpot_p + prefill_s / half_output if s.prefill_running else 0.0  # noqa: E731
 
     prefill_remote = pd_line.at(n - s.prefill_cached) * (1 + s.prefill_ahead)
+    if m.prefill.get("prefill") is not None:
+        # The same engine's whole-request fit, refreshed whenever it serves one: a P/D prefill
+        # there takes at least as long. The P/D fit is refreshed only while P/D is chosen; past
+        # the knee it is not, and its idle-time figures would make P/D look cheap.
+        prefill_remote = max(prefill_remote, m.prefill["prefill"].at(n - s.prefill_cached) * (1 + s.prefill_waiting))
     transfer = m.transfer.at((n - s.decode_cached) * s.kv_bytes_per_token)
     pd = Prediction(prefill_remote + transfer + first_d, tpot_d,
                     max(tpot_d if s.decode_running else 0.0, stalled_p(prefill_remote)))

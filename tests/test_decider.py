@@ -108,6 +108,14 @@ def test_requests_ahead_on_the_prefill_engine_share_its_steps():
     assert p["pd"].ttft_s == pytest.approx(4 * 0.055 + 0.002 + 1024e-6 + 0.011)
 
 
+def test_a_pd_fit_left_from_idle_time_does_not_undercut_the_prefill_engine_as_it_is_now():
+    # the prefill engine's whole requests now prefill at 200 us a token; the P/D fit still says 50
+    loaded = replace(M, prefill={**M.prefill, "prefill": Line(0.005, 200e-6)})
+    p = predict(loaded, situation(prefill_waiting=1))
+    assert p["pd"].ttft_s == pytest.approx(2 * 0.205 + 0.002 + 1024e-6 + 0.011)
+    assert p["pd"].ttft_s > predict(M, situation(prefill_waiting=1))["pd"].ttft_s
+
+
 # ---------------------------------------------------------------------------- the measurements
 
 
