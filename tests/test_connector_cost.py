@@ -1,6 +1,7 @@
 """The connector-cost benchmark's arms and arithmetic, without engines (bench/connector_cost.py)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,17 @@ def test_the_connector_reaches_vllms_command_line_and_only_there():
     assert "FaultableNixlConnector" in cmd[cmd.index("--kv-transfer-config") + 1]
     assert "--kv-transfer-config" not in server_command(with_connector(cfg, "none"), port=8123)
     assert "kv_transfer_config" not in cfg.engine.engine_kwargs  # the loaded config is left as it was
+
+
+def test_the_events_arms_publish_kv_events_as_an_engine_replica_does():
+    cfg = load_config(CONFIGS / "cpu-pd.yaml")
+    events = server_command(with_connector(cfg, "events"), port=8123)
+    both = server_command(with_connector(cfg, "pdserve-events"), port=8123)
+    assert "--kv-transfer-config" not in events and "--kv-transfer-config" in both
+    for cmd in (events, both):
+        published = json.loads(cmd[cmd.index("--kv-events-config") + 1])
+        assert published["enable_kv_cache_events"] and published["publisher"] == "zmq"
+    assert "--kv-events-config" not in server_command(with_connector(cfg, "pdserve"), port=8123)
 
 
 def test_ratios_are_each_arms_medians_over_no_connectors():
