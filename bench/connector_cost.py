@@ -53,14 +53,15 @@ def kv_transfer_config(arm: str, cfg) -> Optional[dict[str, Any]]:
 
 
 def kv_events_config(arm: str) -> Optional[dict[str, Any]]:
-    """The ``--kv-events-config`` of ``arm`` (None: no events): vLLM's ZMQ publisher, as an
-    engine replica configures it (engine/server.py), on free loopback ports."""
-    if not arm.endswith("events"):
+    """The ``--kv-events-config`` of ``arm`` (None: no events): an engine replica's
+    (engine/server.py), on free loopback ports."""
+    if arm not in ("events", "pdserve-events"):
         return None
     from pdserve.bench.ports import free_port
+    from pdserve.engine.server import kv_events_fields
 
-    return {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://127.0.0.1:{free_port()}",
-            "replay_endpoint": f"tcp://127.0.0.1:{free_port()}", "topic": "connector-cost"}
+    return kv_events_fields("connector-cost", endpoint=f"tcp://127.0.0.1:{free_port()}",
+                            replay_endpoint=f"tcp://127.0.0.1:{free_port()}")
 
 
 def with_connector(cfg, arm: str):

@@ -56,6 +56,15 @@ def side_channel_port(cfg: ClusterConfig, role: Role, index: int) -> int:
     return cfg.kv_transfer.side_channel_base_port + _PORT_OFFSET[role] + index
 
 
+def kv_events_fields(topic: str, endpoint: str = "tcp://*:0", replay_endpoint: str = "tcp://*:0") -> dict[str, Any]:
+    """vLLM's ``kv_events_config`` as an engine replica publishes its KV cache events: vLLM's
+    ZMQ publisher, with a replay endpoint for a subscriber that missed a batch. Port 0 on the
+    wildcard: vLLM binds VLLM_HOST_IP (the replica's address) on a free port and reports the
+    endpoints back (``EngineServer._read_kv_events_source``)."""
+    return {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": endpoint,
+            "replay_endpoint": replay_endpoint, "topic": topic}
+
+
 def serving_args(cfg: ClusterConfig, model_path: str) -> list[str]:
     """vLLM's OpenAI serving layer's command line, as `vllm serve` would take it for this config."""
     args = ["--model", model_path, "--served-model-name", cfg.model.served_name, "--enable-prompt-tokens-details"]
@@ -119,10 +128,7 @@ class EngineServer:
         if self.publishes_kv_events:
             from vllm.config import KVEventsConfig
 
-            # Port 0 on the wildcard: vLLM binds VLLM_HOST_IP (this replica's address) on a free port
-            # and reports the endpoints back (``_read_kv_events_source``).
-            kv_events = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint="tcp://*:0",
-                                       replay_endpoint="tcp://*:0", topic=self.kv_events_topic)
+            kv_events = KVEventsConfig(**kv_events_fields(self.kv_events_topic))
         return AsyncEngineArgs(
             model=model_path,
             tokenizer=model_path,
