@@ -136,12 +136,14 @@ def predict(m: Measurements, s: Situation) -> dict[str, Prediction]:
     tpot_p = step.at(s.prefill_running + 1) / (1 - min(0.9, max(0.0, m.prefill_busy)))
     stalled_p = lambda prefill_s: tpot_p + prefill_s / half_output if s.prefill_running else 0.0  # noqa: E731
 
+    # a whole request's prefill on the prefill engine (the prefill_whole way below)
+    prefill_there = p_line.at(n - s.prefill_cached) * (1 + s.prefill_waiting)
     prefill_remote = pd_line.at(n - s.prefill_cached) * (1 + s.prefill_ahead)
     if m.prefill.get("prefill") is not None:
         # The same engine's whole-request fit, refreshed whenever it serves one: a P/D prefill
         # there takes at least as long. The P/D fit is refreshed only while P/D is chosen; past
         # the knee it is not, and its idle-time figures would make P/D look cheap.
-        prefill_remote = max(prefill_remote, m.prefill["prefill"].at(n - s.prefill_cached) * (1 + s.prefill_waiting))
+        prefill_remote = max(prefill_remote, prefill_there)
     transfer = m.transfer.at((n - s.decode_cached) * s.kv_bytes_per_token)
     pd = Prediction(prefill_remote + transfer + first_d, tpot_d,
                     max(tpot_d if s.decode_running else 0.0, stalled_p(prefill_remote)))
@@ -150,7 +152,6 @@ def predict(m: Measurements, s: Situation) -> dict[str, Prediction]:
     local = Prediction(prefill_local + first_d, tpot_d, tpot_d + prefill_local / half_output if s.decode_running else 0.0)
 
     # the decode engine's decodes are untouched
-    prefill_there = p_line.at(n - s.prefill_cached) * (1 + s.prefill_waiting)
     whole = Prediction(prefill_there + tpot_p, tpot_p, stalled_p(prefill_there))
     return {"decode_local": local, "prefill_whole": whole, "pd": pd}
 
