@@ -78,6 +78,7 @@ class Accounting:
         self.finish(ctx)
 
     def finish(self, ctx: RequestCtx) -> None:
+        self.disaggregator.prefill_over(ctx)  # a request that ended before its first item
         t = ctx.ticket
         self.admission.finish(t, ctx.output_tokens)
         self.metrics.tenant_tokens.labels(t.tenant.name, "input").inc(t.prompt_tokens)

@@ -24,6 +24,7 @@ class RequestCtx:
         self.output_tokens = 0
         self.hide_ids = False  # the router asked for token ids the client did not (router/intake.py)
         self.selection = None  # what replica selection knows of it (router/selection.py SelectionRequest)
+        self.prefill = None  # its prefill while pending on an engine (router/prefill_backlog.py Pending)
 
     @property
     def body(self) -> dict[str, Any]:

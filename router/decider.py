@@ -25,12 +25,17 @@ spends more of an overloaded cluster per request). Only cached tokens
 of a conversation prefills the rest quickly, so repeat turns stay local.
 
 The models, all linear fits the measurements keep current:
-  P/D prefill leg      seconds = fixed + per_token * uncached tokens, times (1 + requests
-                       ahead on the prefill engine: they share its steps); at least the
-                       prefill engine's whole-request prefill below
-  whole-request prefill (per pool)  the same line, times (1 + requests waiting on that engine);
-                       the requests it runs slow a prefill down, and the fit keeps that. Both
-                       whole ways are predicted alike, so neither engine looks cheaper than it is
+  whole-request prefill (per pool)  seconds = fixed + per_token * (its uncached tokens + the
+                       uncached tokens of the prefills this router sent that engine and has not
+                       yet seen done), times (1 + requests waiting there besides those). An
+                       engine prefills what it was sent together, in steps of up to its token
+                       budget: a request waits for the tokens ahead of it, not for one whole
+                       prefill per request ahead. The requests it runs slow a prefill down, and
+                       the fit keeps that. Both whole ways are predicted alike, so neither
+                       engine looks cheaper than it is
+  P/D prefill leg      the same line over the prefill engine's tokens, times (1 + requests
+                       ahead there besides the pending prefills: they share its steps); at
+                       least the prefill engine's whole-request prefill
   transfer             seconds = fixed + per_byte * bytes (the decode engine pulls what it
                        does not hold itself)
   decode step          seconds per output token = fixed + per_request * requests running
@@ -80,9 +85,12 @@ class Situation:
     running_tpot_slo_s: float  # the strictest class's: the decodes running on the decode engine
     prefill_cached: int = 0  # prompt tokens the chosen prefill replica holds
     decode_cached: int = 0  # ... the chosen decode replica holds
-    prefill_ahead: int = 0  # requests the chosen prefill replica runs or queues (P/D prefills, whole requests)
-    prefill_running: int = 0  # ... of them running
-    prefill_waiting: int = 0  # ... of them queued
+    # uncached prompt tokens this router sent the chosen replica to prefill and has not seen done
+    prefill_tokens_ahead: int = 0
+    decode_tokens_ahead: int = 0
+    prefill_ahead: int = 0  # requests the chosen prefill replica runs or queues, besides those pending prefills
+    prefill_running: int = 0  # requests it runs
+    prefill_waiting: int = 0  # requests queued there, besides the pending prefills
     decode_running: int = 0
     decode_waiting: int = 0
     prefill_room: bool = False  # the prefill replica may take a whole request
@@ -137,8 +145,8 @@ def predict(m: Measurements, s: Situation) -> dict[str, Prediction]:
     stalled_p = lambda prefill_s: tpot_p + prefill_s / half_output if s.prefill_running else 0.0  # noqa: E731
 
     # a whole request's prefill on the prefill engine (the prefill_whole way below)
-    prefill_there = p_line.at(n - s.prefill_cached) * (1 + s.prefill_waiting)
-    prefill_remote = pd_line.at(n - s.prefill_cached) * (1 + s.prefill_ahead)
+    prefill_there = p_line.at(n - s.prefill_cached + s.prefill_tokens_ahead) * (1 + s.prefill_waiting)
+    prefill_remote = pd_line.at(n - s.prefill_cached + s.prefill_tokens_ahead) * (1 + s.prefill_ahead)
     if m.prefill.get("prefill") is not None:
         # The same engine's whole-request fit, refreshed whenever it serves one: a P/D prefill
         # there takes at least as long. The P/D fit is refreshed only while P/D is chosen; past
@@ -148,7 +156,7 @@ def predict(m: Measurements, s: Situation) -> dict[str, Prediction]:
     pd = Prediction(prefill_remote + transfer + first_d, tpot_d,
                     max(tpot_d if s.decode_running else 0.0, stalled_p(prefill_remote)))
 
-    prefill_local = d_line.at(n - s.decode_cached) * (1 + s.decode_waiting)
+    prefill_local = d_line.at(n - s.decode_cached + s.decode_tokens_ahead) * (1 + s.decode_waiting)
     local = Prediction(prefill_local + first_d, tpot_d, tpot_d + prefill_local / half_output if s.decode_running else 0.0)
 
     # the decode engine's decodes are untouched

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Optional
 from pdserve.admission.config import CLASSES
 from pdserve.router.decider import Decision, Situation, decide
 from pdserve.router.measure import LiveMeasurements
+from pdserve.router.prefill_backlog import Pending, PrefillBacklog
 from pdserve.router.prefix_index import PromptKeys
 from pdserve.router.selection import Candidate, SelectionRequest
 
@@ -33,11 +34,21 @@ def ahead(c: Candidate) -> int:
     return max(c.running + c.waiting, c.inflight)
 
 
-def queued(c: Candidate) -> int:
-    """Requests waiting on a replica: as its last load report says, or, if more, the requests this
-    router sent it beyond those it reported running. Reports come every poll interval; between
-    two of them a burst of requests would all see the same queues and all go the same way."""
-    return max(c.waiting, c.inflight - c.running)
+def waiting_besides(c: Candidate, pending_requests: int) -> int:
+    """Requests waiting on a replica other than this router's pending prefills there (which the
+    backlog counts in tokens): another router's, as the replica's last load report shows them."""
+    return max(0, c.waiting - pending_requests)
+
+
+def _ahead_of(pending: Optional[Pending], replica: str) -> tuple[Optional[int], int]:
+    """(tokens, requests) of the prefill backlog a request found on ``replica`` when it was sent
+    there; (0, 0) for one the decider did not place (``never``); (None, 0) for one placed on
+    another replica (a replaced engine served it: not this choice's measure)."""
+    if pending is None:
+        return 0, 0
+    if pending.replica != replica:
+        return None, 0
+    return pending.tokens_ahead, pending.requests_ahead
 
 
 class Disaggregator:
@@ -49,7 +60,9 @@ class Disaggregator:
         self.kv_bytes_per_token = router.kv_bytes_per_token
         d = router.cfg.router.decider
         self.measure = LiveMeasurements(d.ewma_alpha, d.min_samples)
+        self.backlog = PrefillBacklog()
         self._exported: set[str] = set()
+        self._backlog_exported: set[str] = set()
         slo = router.cfg.slo
         self._running_tpot_s = min(slo.for_class(c)["tpot_ms"] for c in CLASSES) / 1000
         cap = d.prefill_whole_max_running
@@ -73,35 +86,54 @@ class Disaggregator:
         return sel.cached[replica]
 
     def choose(self, ctx: "RequestCtx", p: Candidate, d: Candidate) -> str:
-        """The way for a request whose pair is (p, d): "pd", "decode_local" or "prefill_whole"."""
+        """The way for a request whose pair is (p, d): "pd", "decode_local" or "prefill_whole".
+        Its prefill is pending on the engine that runs it until ``prefill_over``."""
         if self.mode != "adaptive":
             decision = Decision("pd", "always")
         else:
             decision = decide(self.measure.snapshot(), self.situation(ctx, p, d))
         self.metrics.disaggregation.labels(decision.way, decision.reason).inc()
         ctx.headers["x-pdserve-decision"] = decision.reason
+        on = d if decision.way == "decode_local" else p
+        sel = self.selection_request(ctx)
+        ctx.prefill = self.backlog.add(on.replica_id, ctx.checked.prompt_tokens - self.cached(sel, on.replica_id))
         return decision.way
+
+    def prefill_over(self, ctx: "RequestCtx") -> None:
+        """The request's prefill is done (its first item, its prefill leg's answer) or will not
+        run (the request ended first): no longer pending. Idempotent."""
+        if ctx.prefill is not None:
+            self.backlog.done(ctx.prefill)
 
     def situation(self, ctx: "RequestCtx", p: Candidate, d: Candidate) -> Situation:
         sel = self.selection_request(ctx)
         slo = self.cfg.slo.for_class(ctx.cls)
         r = self.cfg.router
+        b = self.backlog
+        p_pending, d_pending = b.requests(p.replica_id), b.requests(d.replica_id)
         return Situation(
             prompt_tokens=ctx.checked.prompt_tokens, kv_bytes_per_token=self.kv_bytes_per_token,
             ttft_slo_s=slo["ttft_ms"] / 1000, tpot_slo_s=slo["tpot_ms"] / 1000,
             running_tpot_slo_s=self._running_tpot_s,
             prefill_cached=self.cached(sel, p.replica_id), decode_cached=self.cached(sel, d.replica_id),
-            prefill_ahead=ahead(p), prefill_running=max(p.running, p.inflight), prefill_waiting=queued(p),
-            decode_running=max(d.running, d.inflight), decode_waiting=queued(d),
+            prefill_tokens_ahead=b.tokens(p.replica_id), decode_tokens_ahead=b.tokens(d.replica_id),
+            prefill_ahead=max(0, ahead(p) - p_pending), prefill_running=max(p.running, p.inflight),
+            prefill_waiting=waiting_besides(p, p_pending),
+            decode_running=max(d.running, d.inflight), decode_waiting=waiting_besides(d, d_pending),
             prefill_room=ahead(p) < self._prefill_whole_max and p.kv_cache_usage < r.decode_kv_headroom,
             headroom=r.decider.slo_headroom, tie_margin=r.decider.whole_tie_margin)
 
     # ------------------------------------------------------------------ what requests measured
     def observe_prefill_leg(self, ctx: "RequestCtx", p: Candidate, seconds: Optional[float]) -> None:
-        """A P/D prefill leg that produced its KV, as the router timed it."""
+        """A P/D prefill leg that produced its KV, as the router timed it: its tokens and the
+        backlog it found on the prefill engine, against its seconds shared with the requests
+        there that the backlog does not count (as the decider predicts it)."""
         uncached = self.count_hit(ctx, "prefill", p.replica_id)
-        if seconds is not None:
-            self.measure.prefill_done("pd", uncached, seconds, ahead(p))
+        tokens_ahead, requests_ahead = _ahead_of(ctx.prefill, p.replica_id)
+        if seconds is not None and tokens_ahead is not None:
+            work = uncached + tokens_ahead
+            self.measure.prefill_done("pd", work, seconds, max(0, ahead(p) - requests_ahead),
+                                      own_share=uncached / work if work else 1.0)
 
     def count_hit(self, ctx: "RequestCtx", pool: str, replica: str) -> int:
         """Counts the prompt and the part of it ``replica`` held; returns the uncached tokens."""
@@ -125,18 +157,25 @@ class Disaggregator:
             self.measure.decoded(tpot_s, max(picked.running, picked.inflight), tokens)
         if leg.link is None and path in (*WHOLE_WAYS, "monolithic"):  # not a fallback: its TTFT holds a failure
             uncached = self.count_hit(ctx, pool, leg.replica_id)
-            if pool in ("prefill", "decode"):
+            tokens_ahead, requests_ahead = _ahead_of(ctx.prefill, leg.replica_id)
+            if pool in ("prefill", "decode") and tokens_ahead is not None:
                 wait = ctx.ticket.queue_wait_s if ctx.ticket is not None else 0.0
-                # Only queued requests wait ahead of a whole request's prefill (counted as the
-                # prediction counts them); the requests the engine runs slow it down, and the
-                # pool's fit keeps that.
-                self.measure.prefill_done(pool, uncached, max(0.0, ttft_s - wait), queued(picked))
+                # The prefill work ahead of it and its own, as the prediction counts them; the
+                # requests the engine runs slow it down, and the pool's fit keeps that.
+                self.measure.prefill_done(pool, uncached + tokens_ahead, max(0.0, ttft_s - wait),
+                                          waiting_besides(picked, requests_ahead))
 
     def observe_poll(self, prefill_replicas: int) -> None:
         """Once per load poll: the prefill engines' busy share, and /metrics."""
         self.measure.poll(prefill_replicas)
         for name, value in self.measure.gauges().items():
             self.metrics.decider_input.labels(name).set(value)
+        pending = self.backlog.snapshot()
+        for replica in self._backlog_exported - set(pending):
+            self.metrics.prefill_backlog_tokens.labels(replica).set(0)
+        for replica, tokens in pending.items():
+            self.metrics.prefill_backlog_tokens.labels(replica).set(tokens)
+        self._backlog_exported |= set(pending)
         if self.index is not None:
             now = set(self.index.replicas())
             for replica in now:

@@ -56,8 +56,11 @@ class LegRunner:
         if cause is None:
             ctx.headers["x-pdserve-prefill-replica"] = p.replica_id
             r = self.cfg.router
-            result = await run_prefill(prefill, p.replica_id, ctx.endpoint, ctx.body, r.prefill_timeout_s,
-                                       r.load_poll_interval_s)
+            try:
+                result = await run_prefill(prefill, p.replica_id, ctx.endpoint, ctx.body, r.prefill_timeout_s,
+                                           r.load_poll_interval_s)
+            finally:
+                self.disaggregator.prefill_over(ctx)
             if result.seconds is not None:
                 self.metrics.prefill_leg.observe(result.seconds)
             if result.cause is None and result.client_error is None:

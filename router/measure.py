@@ -2,9 +2,10 @@
 with exponentially weighted averages.
 
 * prefill: a P/D prefill leg's seconds (router-timed) against the prompt tokens the prefill
-  engine did not hold ("pd"), divided by (1 + requests ahead on that engine: they share its
-  steps); and, per pool ("prefill", "decode"), a whole request's TTFT against the tokens its
-  engine did not hold, divided by (1 + requests waiting there): both pools' engines serve whole
+  engine did not hold plus the prefill backlog it found there (router/prefill_backlog.py),
+  divided by (1 + the other requests ahead on that engine: they share its steps) ("pd"); and,
+  per pool ("prefill", "decode"), a whole request's TTFT against the same tokens on its engine,
+  divided by (1 + requests waiting there besides the backlog): both pools' engines serve whole
   requests alike, so both are measured alike, and the decodes running there are in the fit;
 * KV transfers: the decode engines' pull totals between two load polls (every transport
   reports them), as mean bytes and seconds per transfer;
@@ -88,15 +89,17 @@ class LiveMeasurements:
         self._busy_s = 0.0
 
     # ------------------------------------------------------------------ observations
-    def prefill_done(self, kind: str, uncached_tokens: int, seconds: float, ahead: int = 0) -> None:
-        """A prefill of ``uncached_tokens`` (``kind``: "pd", or a whole request on a "prefill" or
-        "decode" engine) took ``seconds`` with ``ahead`` requests sharing the engine's steps."""
+    def prefill_done(self, kind: str, tokens: int, seconds: float, ahead: int = 0, own_share: float = 1.0) -> None:
+        """A prefill (``kind``: "pd", or a whole request on a "prefill" or "decode" engine) done
+        after ``seconds``, over ``tokens``: its own uncached tokens and those of the prefills
+        pending ahead of it, with ``ahead`` more requests sharing the engine's steps. Its own
+        part of that work is ``own_share``."""
         line = self.prefill.get(kind)
         if line is None or seconds <= 0:
             return
-        line.add(max(0, uncached_tokens), seconds / (1 + max(0, ahead)))
+        line.add(max(0, tokens), seconds / (1 + max(0, ahead)))
         if kind == "pd":  # a prefill engine busy with P/D prefills (a whole request's is in the step fit)
-            self._busy_s += seconds / (1 + max(0, ahead))
+            self._busy_s += own_share * seconds / (1 + max(0, ahead))
 
     def transfers(self, count: int, total_bytes: int, total_seconds: float) -> None:
         """A decode replica's KV pulls since the last poll."""

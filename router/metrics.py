@@ -109,6 +109,10 @@ class RouterMetrics:
         self.decider_input = Gauge("pdserve_decider_input",
                                    "What the adaptive decider reads: fitted prefill, KV transfer and decode step "
                                    "models, prefill busy share, mean output tokens", ["name"], registry=r)
+        self.prefill_backlog_tokens = Gauge(
+            "pdserve_prefill_backlog_tokens",
+            "Uncached prompt tokens this router sent each replica to prefill and has not yet seen done",
+            ["replica"], registry=r)
         self.prefix_index_blocks = Gauge("pdserve_prefix_index_blocks",
                                          "KV blocks the prefix index knows each replica holds", ["replica"],
                                          registry=r)

@@ -8,7 +8,7 @@ import typing
 
 import pytest
 from pydantic import ValidationError
-from router_fakes import FakeChecker, MemoryCluster, MemoryEngine, run
+from router_fakes import FakeChecker, FakeRequest, MemoryCluster, MemoryEngine, run
 
 from pdserve.router.prefix_index import PrefixIndex, PromptKeys
 from pdserve.router.selection import FACTORIES, Candidate, SelectionDeps, SelectionRequest, build_pipeline
@@ -262,30 +262,75 @@ def test_served_requests_feed_the_measurements_the_decider_reads():
     assert m.prefill["decode"].samples == 1 and m.prefill["prefill"].samples == 0 and m.prefill["pd"].samples == 0
 
 
-def test_requests_sent_since_a_replicas_last_load_report_count_as_queued_there():
-    """Load reports come every poll interval: the decider counts what this router has sent a
-    replica beyond what it last reported running as waiting there, so a burst between two
-    reports does not see the same queues and all go the same way."""
+def test_prefills_sent_since_a_replicas_last_load_report_count_as_tokens_ahead_there():
+    """Load reports come every poll interval: the decider counts the uncached tokens of the
+    prefills this router sent a replica and has not seen done as work ahead there, so a burst
+    between two reports does not see the same queues and all go the same way; the replica's
+    own waiting count adds only requests besides those."""
     from types import SimpleNamespace
 
-    from pdserve.router.disaggregate import queued
-
-    assert queued(Candidate("d0", "decode", running=10, waiting=2, inflight=11)) == 2  # the report is fresher
-    assert queued(Candidate("d0", "decode", running=10, waiting=2, inflight=16)) == 6  # 4 more sent since
-    c = cluster(disaggregation="adaptive")
-    ctx = SimpleNamespace(selection=SelectionRequest(None, 100), checked=SimpleNamespace(prompt_tokens=100),
-                          cls="standard", body={})
-    p = Candidate("p0", "prefill", running=3, waiting=0, inflight=3)
-    d = Candidate("d0", "decode", running=3, waiting=0, inflight=9)  # 6 sent since the report
-    s = c.router.disaggregator.situation(ctx, p, d)
-    assert (s.decode_running, s.decode_waiting, s.prefill_waiting) == (9, 6, 0)
-    # with equal reports, the engine that took the burst now looks slower to start the next request
-    warm(c, prefill_s_per_token=1e-5, step_s=0.005)
-    m = c.router.disaggregator.measure.snapshot()
     from pdserve.router.decider import predict
 
-    preds = predict(m, s)
-    assert preds["decode_local"].ttft_s > preds["prefill_whole"].ttft_s
+    c = cluster(disaggregation="adaptive")
+    dis = c.router.disaggregator
+    ctx = SimpleNamespace(selection=SelectionRequest(None, 100), checked=SimpleNamespace(prompt_tokens=100),
+                          cls="standard", body={})
+    burst = [dis.backlog.add("d0", 600) for _ in range(3)]  # three prefills sent since d0's report
+    p = Candidate("p0", "prefill", running=3, waiting=0, inflight=3)
+    d = Candidate("d0", "decode", running=3, waiting=4, inflight=6)  # 4 waiting: 3 of them this burst
+    s = dis.situation(ctx, p, d)
+    assert (s.decode_tokens_ahead, s.decode_waiting, s.decode_running) == (1800, 1, 6)
+    assert (s.prefill_tokens_ahead, s.prefill_waiting) == (0, 0)
+    # with equal reports, the engine that took the burst now looks slower to start the next request
+    warm(c, prefill_s_per_token=1e-5, step_s=0.005)
+    m = dis.measure.snapshot()
+    assert predict(m, s)["decode_local"].ttft_s > predict(m, s)["prefill_whole"].ttft_s
+    for pending in burst:
+        dis.backlog.done(pending)
+    dis.backlog.done(burst[0])  # twice: nothing more
+    s = dis.situation(ctx, p, Candidate("d0", "decode", running=3, waiting=0, inflight=3))
+    assert s.decode_tokens_ahead == 0
+    assert predict(m, s)["decode_local"].ttft_s == pytest.approx(predict(m, s)["prefill_whole"].ttft_s)
+
+
+def test_a_request_is_pending_on_its_engine_until_its_first_item_however_it_ends():
+    """The backlog holds a whole request's prefill from the decider's choice to its first item,
+    and a P/D prefill leg's until it returns; one that fails, or whose client goes, leaves none."""
+    c = cluster(disaggregation="adaptive", selection={"decode": {"scorers": ["prefix", "queue"]}})
+    warm(c, prefill_s_per_token=1e-5, step_s=0.005)
+    backlog = c.router.disaggregator.backlog
+    seen = []
+    for rid in ("d0", "d1", "p0", "p1"):
+        c.engines[rid].before = lambda engine, endpoint, body: seen.append(
+            (engine.replica_id, backlog.tokens(engine.replica_id), backlog.requests(engine.replica_id)))
+    async def first_item_only():
+        response = await c.router.pipeline.serve("completions", FakeRequest(BODY))
+        pending = backlog.snapshot()  # the stream has its first item; the rest is not read yet
+        await response.body_iterator.aclose()
+        return response, pending
+
+    response, pending = run(first_item_only())
+    assert response.headers["x-pdserve-path"] == "decode_local"
+    d = response.headers["x-pdserve-decode-replica"]
+    assert seen == [(d, len(PROMPT), 1)]  # pending while the engine works on it
+    assert pending == {}  # its first item arrived: done, though its stream goes on
+    c.router.poller.follow_kv_events()
+    assert c.router.metrics.prefill_backlog_tokens.labels(d)._value.get() == 0
+    # an engine lost before its first item: the request moves, and nothing stays pending
+    c.engines[d].raise_first = ConnectionRefusedError("gone")
+    r = run(c.serve(BODY, endpoint="completions"))
+    assert r.status_code == 200 and backlog.snapshot() == {}
+    # a P/D prefill leg is pending on its prefill engine until it returns
+    c2 = cluster(disaggregation="always")
+    seen.clear()
+    for rid in ("p0", "p1", "d0", "d1"):
+        c2.engines[rid].before = lambda engine, endpoint, body: seen.append(
+            (engine.replica_id, c2.router.disaggregator.backlog.snapshot()))
+    r = run(c2.serve(BODY, endpoint="completions"))
+    assert r.headers["x-pdserve-path"] == "pd"
+    p, d = r.headers["x-pdserve-prefill-replica"], r.headers["x-pdserve-decode-replica"]
+    assert seen == [(p, {p: len(PROMPT)}), (d, {})]  # done when the decode leg starts: its KV is made
+    assert c2.router.disaggregator.backlog.snapshot() == {}
 
 
 def test_a_prefill_engine_takes_whole_requests_up_to_what_a_decode_engine_may_run_unless_bounded():

@@ -252,6 +252,23 @@ def test_the_two_whole_ways_are_predicted_alike_for_the_same_load():
         p["prefill_whole"].ttft_s - p["prefill_whole"].tpot_s)
 
 
+def test_prefills_pending_on_an_engine_delay_a_request_by_their_tokens_not_by_one_prefill_each():
+    # three 1000-token prefills sent to the decode engine and not done: 3000 tokens ahead, the
+    # fixed 5 ms paid once (the engine prefills them together), not 4 x 55 ms
+    p = predict(M, situation(decode_tokens_ahead=3000))["decode_local"]
+    assert p.ttft_s == pytest.approx(0.005 + 50e-6 * 4000 + 0.011)
+    assert p.ttft_s < predict(M, situation(decode_waiting=3))["decode_local"].ttft_s
+    # the same backlog on the prefill engine: its whole way and its P/D prefill leg both wait for it
+    q = predict(M, situation(prefill_tokens_ahead=3000, prefill_room=True))
+    assert q["prefill_whole"].ttft_s == pytest.approx(0.005 + 50e-6 * 4000 + 0.011)
+    assert q["pd"].ttft_s == pytest.approx(0.205 + 0.002 + 1024e-6 + 0.011)
+    # of two otherwise equal engines, the one without the backlog takes the request
+    same = situation(prompt_tokens=2000, prefill_room=True, decode_running=4, prefill_running=4)
+    assert decide(M, same).way == "decode_local"
+    d = decide(M, replace(same, decode_tokens_ahead=1500))
+    assert (d.way, d.reason) == ("prefill_whole", "least_loaded")
+
+
 def test_admission_counts_the_prefill_pool_when_adaptive_serves_whole_there():
     from pdserve.router.core import Router
     from pdserve.settings.cluster import load_config
