@@ -39,13 +39,13 @@ class Responder:
         try:
             path, leg, first = await self.legs.first_item(ctx, path, leg)
         except (Exception, asyncio.TimeoutError) as e:
-            self.disaggregator.prefill_over(ctx)
             logger.warning("engine call failed: %r", e)
             self.account.answered(path, ctx.endpoint, 503)
             retry = self.account.no_engine().headers()
             return JSONResponse(error_body(503, f"engine unavailable: {e!r}", "ServiceUnavailableError"),
                                 status_code=503, headers={**headers, **retry})
-        self.disaggregator.prefill_over(ctx)  # a whole request's first item ends its prefill
+        finally:
+            self.disaggregator.prefill_over(ctx)  # its first item (or none) ends a whole request's prefill
         if leg.served_by:
             headers[f"x-pdserve-{'decode' if leg.pool.name == 'decode' else 'engine'}-replica"] = leg.served_by
         path = self.account.settle_link(leg, path, first, headers)
