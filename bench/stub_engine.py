@@ -221,6 +221,8 @@ def stub_messages(endpoint: str, body: dict[str, Any], *, role: str, request_id:
         yield side + [("json", json_response(endpoint, body, request_id=request_id, created=created, role=role,
                                              settings=settings))]
         return
+    if not side:  # a stream accepted, ahead of the engine's first output (engine/server.py)
+        yield [("head", {})]
     # The role chunk travels with the first token, and usage + [DONE] with the last one, as
     # vLLM yields them in the same engine step; otherwise tokens_per_message tokens a message.
     k = settings.tokens_per_message

@@ -5,9 +5,14 @@ the leg up), the relay asks for a continuation on another engine (decode/resume.
 rewrites its chunks into the original stream's format; when none can be had, the client
 gets an error event and the stream ends cleanly. Which engine serves a continuation is
 the caller's choice (``respawn``): the router's selection, not this module's.
+
+A stream that breaks after its head but before any chunk (the client has its status and
+headers, nothing else) is not resumed but served again whole (``move_whole``), as a leg
+lost before its first item is: exact for every request shape, as nothing was sent.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any, AsyncIterator, Callable, Optional
@@ -43,7 +48,9 @@ class StreamRelay:
                  on_gap: Callable[[float], None] = lambda s: None,
                  on_resume: Callable[[str], None] = lambda outcome: None, hide_ids: bool = False,
                  max_model_len: Optional[int] = None,
-                 detokenize: Optional[Callable[[list[int]], str]] = None) -> None:
+                 detokenize: Optional[Callable[[list[int]], str]] = None,
+                 first_chunk_timeout_s: Optional[float] = None,
+                 move_whole: Optional[Callable[[Leg], Optional[Leg]]] = None) -> None:
         self.tracker = StreamTracker(endpoint, track_text=detokenize is not None and bool(body.get("stop")))
         self.detokenize = detokenize
         self.leg = leg  # the leg serving the stream now (a continuation's after a resume)
@@ -56,16 +63,21 @@ class StreamRelay:
         self.on_resume = on_resume
         self.hide_ids = hide_ids
         self.max_model_len = max_model_len
+        self.first_chunk_timeout_s = first_chunk_timeout_s
+        self.move_whole = move_whole
         self.resumes = 0
+        self.moves = 0  # times the whole request moved to another engine before any chunk came
+        self.chunks = 0  # chunks received (from every leg)
         self.ttft: Optional[float] = None
         self.last: Optional[float] = None  # when the last token-carrying chunk was sent
         self.tokens = 0
         self.status = "200"  # as counted in pdserve_requests_total (503: resume exhausted)
         self.completed = False  # False if the client went away (the generator was closed)
 
-    async def run(self, first_chunk: str) -> AsyncIterator[str]:
+    async def run(self, first_chunk: Optional[str]) -> AsyncIterator[str]:
+        """The client's chunks, from ``first_chunk`` on (None: the leg has sent only its head)."""
         with self.leg.pool.track(self.leg.replica_id):
-            pending: Optional[list[str]] = [first_chunk] + self.leg.ready_chunks()
+            pending: Optional[list[str]] = ([] if first_chunk is None else [first_chunk]) + self.leg.ready_chunks()
             while True:
                 if pending:
                     text = self._take(pending)
@@ -85,6 +97,7 @@ class StreamRelay:
 
     def _take(self, pending: list[str]) -> str:
         """The text to send for ``pending``; counts its tokens."""
+        self.chunks += len(pending)
         text = "".join(pending)
         if self.resumes:
             text = self.tracker.rewrite(text)
@@ -103,10 +116,20 @@ class StreamRelay:
         return hide_token_ids(text) if self.hide_ids else text
 
     async def _next_chunks(self) -> Optional[list[str]]:
-        """The next chunks of the current leg; None when it ended or broke."""
+        """The next chunks of the current leg; None when it ended or broke. Before any chunk
+        has come, the wait is bounded by ``first_chunk_timeout_s`` (an engine that accepted the
+        stream and hangs is given up like one that died)."""
         try:
-            item = await self.leg.next_item()
-        except Exception as e:  # noqa: BLE001 - the engine or its replica died mid-stream
+            while True:
+                if self.ttft is None and self.first_chunk_timeout_s is not None:
+                    item = await asyncio.wait_for(self.leg.next_item(), self.first_chunk_timeout_s)
+                else:
+                    item = await self.leg.next_item()
+                if item is None or item[0] != "head":  # a continuation's head: nothing to send
+                    break
+            if item is not None and item[0] != "sse":  # an engine that refused the request after all
+                raise RuntimeError(f"a {item[0]} item where the stream's chunks were due: {item[1:]!r}")
+        except (Exception, asyncio.TimeoutError) as e:  # noqa: BLE001 - the engine or its replica died mid-stream
             logger.warning("stream from %s broke after %d tokens: %r", self.leg.served_by or self.leg.replica_id,
                            len(self.tracker.sent_ids), e)
             item = None
@@ -115,8 +138,10 @@ class StreamRelay:
         return [item[1]] + self.leg.ready_chunks()
 
     def _resume(self) -> bool:
+        if not self.chunks and self.move_whole is not None:
+            return self._move_whole()
         new_leg = None
-        if self.resumes < self.max_resumes and self.tracker.can_resume(self.body):
+        if self.resumes + self.moves < self.max_resumes and self.tracker.can_resume(self.body):
             new_leg = self.respawn(self.leg, self.tracker.continuation(self.body, self.served_name, self.max_model_len))
             self.tracker.recover_held_back(self.detokenize)
         if new_leg is None:
@@ -127,4 +152,17 @@ class StreamRelay:
         self.on_resume("resumed")
         self.leg.cancel()
         self.leg, self.resumes = new_leg, self.resumes + 1
+        return True
+
+    def _move_whole(self) -> bool:
+        """The untouched request on another engine, for a stream that broke before any chunk."""
+        new_leg = self.move_whole(self.leg) if self.resumes + self.moves < self.max_resumes else None
+        if new_leg is None:
+            self.on_resume("exhausted")
+            return False
+        logger.warning("%s replica %s lost before its first chunk; serving the request on %s replica %s",
+                       self.leg.pool.name, self.leg.served_by or self.leg.replica_id, new_leg.pool.name,
+                       new_leg.replica_id)
+        self.leg.cancel()
+        self.leg, self.moves = new_leg, self.moves + 1
         return True

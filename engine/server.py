@@ -6,7 +6,11 @@ OpenAI JSON bodies and go out as a stream of ``Item`` tuples:
 
 * ``("json", body)``: a complete non-streaming response;
 * ``("error", status, body)``: an OpenAI error body with its HTTP status;
-* ``("sse", text)``: one server-sent-event chunk, exactly as vLLM's server writes it.
+* ``("sse", text)``: one server-sent-event chunk, exactly as vLLM's server writes it;
+* ``("head", {})``: the request is a stream and vLLM accepted it (sent before the engine's
+  first output), so the router can answer the client's HTTP status and headers while the
+  engine prefills, as vLLM's server does. Not sent ahead of a P/D decode leg's stream: its
+  headers wait for the KV pull's report, which the first token brings.
 
 Formatting, validation and chat templating are vLLM's (``OpenAIServingChat`` /
 ``OpenAIServingCompletion``), so responses match ``vllm serve`` by construction.
@@ -253,6 +257,8 @@ class EngineServer:
         else:
             # The pull's report goes ahead of the first token when it is known by then (it is
             # for a failure or a gRPC pull), so the router can label the response in its headers.
+            if not self._pulls_kv(body):
+                yield ("head", {})
             reported = first = None
             async for chunk in result:
                 if first is None:
@@ -264,6 +270,10 @@ class EngineServer:
             if not reported:
                 for item in self._kv_pull_items(body):
                     yield item
+
+    def _pulls_kv(self, body: dict[str, Any]) -> bool:
+        """Whether this call is a P/D decode leg, which pulls its prompt's KV from a prefill engine."""
+        return self.role == "decode" and isinstance(body.get("kv_transfer_params"), dict)
 
     def _kv_pull_items(self, body: dict[str, Any]) -> list[Item]:
         """A ("kv", {...}) item with this decode engine's pull of the request's KV, where known."""

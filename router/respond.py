@@ -3,6 +3,11 @@
 A JSON answer goes back whole (with the P/D timing headers); a stream is relayed chunk by
 chunk (decode/relay.py, which resumes it elsewhere if its engine dies), and accounted for
 when it ends, however it ends.
+
+A stream whose engine sent its head (engine/server.py: vLLM accepted it, the engine has not
+answered yet) starts at once, as vLLM's server starts it: the client's status line and
+headers go out while the engine prefills, not after its first token. A P/D decode leg's
+stream starts at its first token, whose KV pull report its headers carry.
 """
 from __future__ import annotations
 
@@ -36,8 +41,10 @@ class Responder:
 
     async def respond(self, ctx: RequestCtx, path: str, leg: Leg):
         headers = ctx.headers
+        headed = False  # the engine has accepted a stream and not yet answered: its prefill runs on
         try:
             path, leg, first = await self.legs.first_item(ctx, path, leg)
+            headed = first is not None and first[0] == "head"
         except (Exception, asyncio.TimeoutError) as e:
             logger.warning("engine call failed: %r", e)
             self.account.answered(path, ctx.endpoint, 503)
@@ -45,7 +52,8 @@ class Responder:
             return JSONResponse(error_body(503, f"engine unavailable: {e!r}", "ServiceUnavailableError"),
                                 status_code=503, headers={**headers, **retry})
         finally:
-            self.disaggregator.prefill_over(ctx)  # its first item (or none) ends a whole request's prefill
+            if not headed:
+                self.disaggregator.prefill_over(ctx)  # its first item (or none) ends a whole request's prefill
         if leg.served_by:
             headers[f"x-pdserve-{'decode' if leg.pool.name == 'decode' else 'engine'}-replica"] = leg.served_by
         path = self.account.settle_link(leg, path, first, headers)
@@ -62,7 +70,8 @@ class Responder:
             self.account.json_answered(ctx, path, first[1])
             headers.update(breakdown_headers(leg.prefill_s, leg.kv_pull))
             return JSONResponse(first[1], headers=headers)
-        return StreamingResponse(self.stream(ctx, path, leg, first[1]), media_type="text/event-stream",
+        first_chunk = None if headed else first[1]
+        return StreamingResponse(self.stream(ctx, path, leg, first_chunk), media_type="text/event-stream",
                                  headers=headers)
 
     def _detokenizer(self, body: dict) -> Optional[Callable[[list[int]], str]]:
@@ -73,21 +82,28 @@ class Responder:
         skip = body.get("skip_special_tokens", True)
         return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip)
 
-    async def stream(self, ctx: RequestCtx, path: str, leg: Leg, first_chunk: str) -> AsyncIterator[str]:
+    async def stream(self, ctx: RequestCtx, path: str, leg: Leg, first_chunk: Optional[str]) -> AsyncIterator[str]:
+        """``first_chunk`` None: the stream's head came first, its prefill still runs."""
         m = self.metrics
         relay = StreamRelay(ctx.endpoint, leg, ctx.body, served_name=self.cfg.model.served_name,
                             max_resumes=self.cfg.fallback.max_stream_resumes, t0=ctx.t0,
+                            first_chunk_timeout_s=self.cfg.router.request_timeout_s,
+                            move_whole=lambda dead: self.legs.replan(ctx, dead),
                             respawn=self.placement.respawn,
                             on_gap=lambda seconds: m.itl.labels(path, ctx.cls).observe(seconds),
                             on_resume=lambda outcome: m.stream_resumes.labels(outcome).inc(),
                             hide_ids=ctx.hide_ids, max_model_len=self.cfg.model.max_model_len,
                             detokenize=self._detokenizer(ctx.body))
         chunks = relay.run(first_chunk)
+        prefilling = first_chunk is None
         try:
             async for text in chunks:
+                if prefilling:
+                    self.disaggregator.prefill_over(ctx)  # the engine's first answer ends its prefill
+                    prefilling = False
                 yield text
         finally:
             await chunks.aclose()  # a client gone mid-stream: the relay lets go of its replica first
             if not relay.completed:
                 relay.leg.cancel()  # client went away: abort the engine request
-            self.account.stream_ended(ctx, path, relay)
+            self.account.stream_ended(ctx, "fallback" if relay.moves else path, relay)

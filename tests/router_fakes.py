@@ -25,9 +25,15 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello there"}
         "temperature": 0, "ignore_eos": True}
 
 
+def is_head(batch: list) -> bool:
+    """A batch that only says the stream was accepted (its ``head``): no engine output yet."""
+    return all(item[0] in ("meta", "head") for item in batch) and any(item[0] == "head" for item in batch)
+
+
 class FakeEngine(InstantStubEngine):
-    """A stub engine replica. ``hang_after=N``: after N item batches of a call it goes silent
-    (the connection stays open and nothing more arrives), as a partitioned host does."""
+    """A stub engine replica. ``hang_after=N``: after N item batches of a call (its head, if it
+    sends one, not counted) it goes silent (the connection stays open and nothing more
+    arrives), as a partitioned host does."""
 
     def __init__(self, role: str, replica_id: str, hang_after: Optional[int] = None) -> None:
         super().__init__(role, replica_id=replica_id)
@@ -41,11 +47,11 @@ class FakeEngine(InstantStubEngine):
         sent = 0
         try:
             async for batch in super().generate(endpoint, body):
-                if self.hang_after is not None and sent >= self.hang_after:
+                if self.hang_after is not None and sent >= self.hang_after and not is_head(batch):
                     self.reached_hang.set()
                     await asyncio.sleep(3600)
                 yield batch
-                sent += 1
+                sent += not is_head(batch)
         except (asyncio.CancelledError, GeneratorExit):
             self.aborted += 1
             raise
@@ -171,9 +177,9 @@ class MemoryEngine(FakeEngine):
     """A stub engine replica with scripted failures, called in memory.
 
     error=STATUS: answers one engine error item. raise_first=EXC: the call raises EXC before
-    any item (a refused or dropped connection). break_after=N: N batches, then the call
-    raises ConnectionResetError (a stream cut). end_after=N: N batches, then the stream just
-    ends (no [DONE]). no_kv_params: a prefill answer without kv_transfer_params.
+    any item (a refused or dropped connection). break_after=N: N batches (a head not counted),
+    then the call raises ConnectionResetError (a stream cut). end_after=N: N batches, then the
+    stream just ends (no [DONE]). no_kv_params: a prefill answer without kv_transfer_params.
     kv_pull={...}: the decode engine's KV pull report. before(engine, endpoint, body): runs
     first on every call."""
 
@@ -200,12 +206,13 @@ class MemoryEngine(FakeEngine):
             return
         sent = 0
         async for batch in super().generate(endpoint, body):
-            if self.end_after is not None and sent >= self.end_after:
-                return
-            if self.break_after is not None and sent >= self.break_after:
-                raise ConnectionResetError("scripted stream cut")
+            if not is_head(batch):
+                if self.end_after is not None and sent >= self.end_after:
+                    return
+                if self.break_after is not None and sent >= self.break_after:
+                    raise ConnectionResetError("scripted stream cut")
+                sent += 1
             yield [self._script(item) for item in batch]
-            sent += 1
 
     def _script(self, item: tuple) -> tuple:
         if item[0] == "kv" and self.kv_pull is not None:

@@ -294,8 +294,9 @@ def test_prefills_sent_since_a_replicas_last_load_report_count_as_tokens_ahead_t
 
 
 def test_a_request_is_pending_on_its_engine_until_its_first_item_however_it_ends():
-    """The backlog holds a whole request's prefill from the decider's choice to its first item,
-    and a P/D prefill leg's until it returns; one that fails, or whose client goes, leaves none."""
+    """The backlog holds a whole request's prefill from the decider's choice to its first answer
+    (past its stream's head), and a P/D prefill leg's until it returns; one that fails, or
+    whose client goes, leaves none."""
     c = cluster(disaggregation="adaptive", selection={"decode": {"scorers": ["prefix", "queue"]}})
     warm(c, prefill_s_per_token=1e-5, step_s=0.005)
     backlog = c.router.disaggregator.backlog
@@ -303,17 +304,20 @@ def test_a_request_is_pending_on_its_engine_until_its_first_item_however_it_ends
     for rid in ("d0", "d1", "p0", "p1"):
         c.engines[rid].before = lambda engine, endpoint, body: seen.append(
             (engine.replica_id, backlog.tokens(engine.replica_id), backlog.requests(engine.replica_id)))
-    async def first_item_only():
+    async def first_chunk_only():
         response = await c.router.pipeline.serve("completions", FakeRequest(BODY))
-        pending = backlog.snapshot()  # the stream has its first item; the rest is not read yet
+        at_head = backlog.snapshot()  # the stream's head: the engine accepted it, prefill to come
+        await response.body_iterator.__anext__()
+        pending = backlog.snapshot()  # the stream has its first chunk; the rest is not read yet
         await response.body_iterator.aclose()
-        return response, pending
+        return response, at_head, pending
 
-    response, pending = run(first_item_only())
+    response, at_head, pending = run(first_chunk_only())
     assert response.headers["x-pdserve-path"] == "decode_local"
     d = response.headers["x-pdserve-decode-replica"]
     assert seen == [(d, len(PROMPT), 1)]  # pending while the engine works on it
-    assert pending == {}  # its first item arrived: done, though its stream goes on
+    assert at_head == {d: len(PROMPT)}
+    assert pending == {}  # its first answer arrived: done, though its stream goes on
     c.router.poller.follow_kv_events()
     assert c.router.metrics.prefill_backlog_tokens.labels(d)._value.get() == 0
     # an engine lost before its first item: the request moves, and nothing stays pending

@@ -385,3 +385,73 @@ def test_a_client_gone_mid_stream_aborts_the_engine_call_and_counts_499():
     assert c.engines["d0"].aborted == 1
     assert metric(c.router.metrics.requests, "pd", "chat", "499") == 1
     assert_settled(c)
+
+
+# ---------------------------------------------------------------------------- a whole stream's head
+
+
+def mono_cluster(m0: dict | None = None, spare: bool = True, **router) -> MemoryCluster:
+    """m0 serves first; m1 (if ``spare``) is busier, there to take a request m0 loses."""
+    c = MemoryCluster("monolithic", **router)
+    c.add("monolithic", MemoryEngine("monolithic", "m0", **(m0 or {})))
+    if spare:
+        c.add("monolithic", MemoryEngine("monolithic", "m1"))
+    c.build()
+    if spare:
+        c.state("m1").load["running"] = 50
+    return c
+
+
+def test_a_whole_stream_answers_its_status_and_headers_while_its_engine_prefills():
+    c = mono_cluster({"hang_after": 0})  # accepts the stream (its head), then never answers
+
+    async def main():
+        response = await c.router.pipeline.serve("chat", FakeRequest(STREAM))
+        prefilling = c.engines["m0"].reached_hang.is_set()
+        read = asyncio.ensure_future(response.body_iterator.__anext__())  # as Starlette reads it
+        await asyncio.sleep(0.05)
+        read.cancel()  # the client goes away before its first token
+        await asyncio.gather(read, return_exceptions=True)
+        await response.body_iterator.aclose()
+        return response, prefilling
+
+    r, prefilling = run(main())
+    assert prefilling and r.status_code == 200 and r.media_type == "text/event-stream"
+    assert r.headers["x-pdserve-path"] == "monolithic" and r.headers["x-pdserve-engine-replica"] == "m0"
+    assert c.engines["m0"].aborted == 1  # the engine request ends with the client
+    assert metric(c.router.metrics.requests, "monolithic", "chat", "499") == 1
+    assert_settled(c)
+
+
+def test_a_stream_lost_after_its_head_is_served_again_whole_not_resumed():
+    c = mono_cluster({"break_after": 0})
+    r = serve(c, STREAM)
+    ids, events = stream_tokens(r.text)
+    assert r.status_code == 200 and ids == stub_token_ids(6) and events[-1] == {"done": True}
+    assert [endpoint for endpoint, _ in c.engines["m1"].calls] == ["chat"]  # the request itself, no continuation
+    assert c.engines["m1"].calls[0][1]["messages"] == STREAM["messages"]
+    m = c.router.metrics
+    assert metric(m.fallbacks, FallbackCause.REPLICA_LOST.value) == 1
+    assert metric(m.requests, "fallback", "chat", "200") == 1
+    assert metric(m.stream_resumes, "resumed") == 0
+    assert_settled(c)
+
+
+def test_an_engine_silent_after_its_head_is_given_up_after_the_request_timeout():
+    c = mono_cluster({"hang_after": 0}, request_timeout_s=0.3)
+    r = serve(c, STREAM)
+    assert r.status_code == 200 and stream_tokens(r.text)[0] == stub_token_ids(6)
+    assert c.engines["m0"].aborted == 1 and len(c.engines["m1"].calls) == 1
+    assert metric(c.router.metrics.fallbacks, FallbackCause.REPLICA_LOST.value) == 1
+    assert_settled(c)
+
+
+def test_a_stream_lost_after_its_head_with_no_engine_left_ends_with_an_error_event():
+    c = mono_cluster({"break_after": 0}, spare=False)
+    r = serve(c, STREAM)
+    _, events = stream_tokens(r.text)
+    assert r.status_code == 200  # sent with the head, as vLLM's server sends it before its engine answers
+    assert events[0]["error"]["code"] == 503 and events[-1] == {"done": True}
+    assert metric(c.router.metrics.requests, "monolithic", "chat", "503") == 1
+    assert metric(c.router.metrics.stream_resumes, "exhausted") == 1
+    assert_settled(c)

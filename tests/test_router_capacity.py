@@ -35,8 +35,9 @@ def _events(chunks) -> list[str]:
 @pytest.mark.parametrize("per_message", [1, 3])
 def test_stub_stream_feeds_the_router_stream_tracker_to_done(per_message):
     settings = StubSettings(tokens_per_message=per_message)
-    messages = list(stub_messages("chat", CHAT, role="monolithic", request_id="chatcmpl-stub-1", created=5,
-                                  settings=settings))
+    head, *messages = list(stub_messages("chat", CHAT, role="monolithic", request_id="chatcmpl-stub-1", created=5,
+                                         settings=settings))
+    assert head == [("head", {})]  # the stream accepted, before the engine's first output
     tracker = StreamTracker("chat")
     tokens = 0
     for batch in messages:  # as router/app.py _stream does: one text per message
@@ -107,8 +108,8 @@ def test_decode_leg_reports_its_kv_pull_before_the_first_token():
     body = dict(CHAT, kv_transfer_params={"stub": True, "transfer_deadline_s": 0.5})
     first = next(stub_messages("chat", body, role="decode", request_id="chatcmpl-stub-5"))
     assert first[0] == ("kv", STUB_KV_PULL) and first[1][0] == "sse"
-    # a fallback decode leg (no params) has no pull to report
-    assert next(stub_messages("chat", CHAT, role="decode", request_id="x"))[0][0] == "sse"
+    # a fallback decode leg (no params) has no pull to report: its stream starts with its head
+    assert next(stub_messages("chat", CHAT, role="decode", request_id="x")) == [("head", {})]
 
 
 def test_unknown_endpoint_is_an_engine_error_item():
