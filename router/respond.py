@@ -71,8 +71,18 @@ class Responder:
             headers.update(breakdown_headers(leg.prefill_s, leg.kv_pull))
             return JSONResponse(first[1], headers=headers)
         first_chunk = None if headed else first[1]
-        return StreamingResponse(self.stream(ctx, path, leg, first_chunk), media_type="text/event-stream",
-                                 headers=headers)
+        body = self.stream(ctx, path, leg, first_chunk)
+        return _SettledStreamingResponse(body, settle=lambda: self._never_started(ctx, path, leg, body),
+                                         media_type="text/event-stream", headers=headers)
+
+    def _never_started(self, ctx: RequestCtx, path: str, leg: Leg, body: "_Stream") -> None:
+        """A stream Starlette gave up before starting its body (the client left before the
+        status line went out): what the body's own cleanup would have done."""
+        if body.started:
+            return
+        body.started = True  # settled once
+        leg.cancel()  # abort the engine request
+        self.account.stream_ended(ctx, path, self._relay(ctx, path, leg))
 
     def _detokenizer(self, body: dict) -> Optional[Callable[[list[int]], str]]:
         """Output token ids to text as the engines write it (the checker's tokenizer), for a resume."""
@@ -82,18 +92,25 @@ class Responder:
         skip = body.get("skip_special_tokens", True)
         return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip)
 
-    async def stream(self, ctx: RequestCtx, path: str, leg: Leg, first_chunk: Optional[str]) -> AsyncIterator[str]:
-        """``first_chunk`` None: the stream's head came first, its prefill still runs."""
+    def _relay(self, ctx: RequestCtx, path: str, leg: Leg) -> StreamRelay:
         m = self.metrics
-        relay = StreamRelay(ctx.endpoint, leg, ctx.body, served_name=self.cfg.model.served_name,
-                            max_resumes=self.cfg.fallback.max_stream_resumes, t0=ctx.t0,
-                            first_chunk_timeout_s=self.cfg.router.request_timeout_s,
-                            move_whole=lambda dead: self.legs.replan(ctx, dead),
-                            respawn=self.placement.respawn,
-                            on_gap=lambda seconds: m.itl.labels(path, ctx.cls).observe(seconds),
-                            on_resume=lambda outcome: m.stream_resumes.labels(outcome).inc(),
-                            hide_ids=ctx.hide_ids, max_model_len=self.cfg.model.max_model_len,
-                            detokenize=self._detokenizer(ctx.body))
+        return StreamRelay(ctx.endpoint, leg, ctx.body, served_name=self.cfg.model.served_name,
+                           max_resumes=self.cfg.fallback.max_stream_resumes, t0=ctx.t0,
+                           first_chunk_timeout_s=self.cfg.router.request_timeout_s,
+                           move_whole=lambda dead: self.legs.replan(ctx, dead),
+                           respawn=self.placement.respawn,
+                           on_gap=lambda seconds: m.itl.labels(path, ctx.cls).observe(seconds),
+                           on_resume=lambda outcome: m.stream_resumes.labels(outcome).inc(),
+                           hide_ids=ctx.hide_ids, max_model_len=self.cfg.model.max_model_len,
+                           detokenize=self._detokenizer(ctx.body))
+
+    def stream(self, ctx: RequestCtx, path: str, leg: Leg, first_chunk: Optional[str]) -> "_Stream":
+        """``first_chunk`` None: the stream's head came first, its prefill still runs."""
+        return _Stream(self._relay_chunks(ctx, path, leg, first_chunk))
+
+    async def _relay_chunks(self, ctx: RequestCtx, path: str, leg: Leg,
+                            first_chunk: Optional[str]) -> AsyncIterator[str]:
+        relay = self._relay(ctx, path, leg)
         chunks = relay.run(first_chunk)
         prefilling = first_chunk is None
         try:
@@ -107,3 +124,37 @@ class Responder:
             if not relay.completed:
                 relay.leg.cancel()  # client went away: abort the engine request
             self.account.stream_ended(ctx, "fallback" if relay.moves else path, relay)
+
+
+class _Stream:
+    """A response body that knows whether it was ever started."""
+
+    def __init__(self, chunks: AsyncIterator[str]) -> None:
+        self._chunks = chunks
+        self.started = False
+
+    def __aiter__(self) -> "_Stream":
+        return self
+
+    async def __anext__(self) -> str:
+        self.started = True
+        return await self._chunks.__anext__()
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
+
+
+class _SettledStreamingResponse(StreamingResponse):
+    """A stream settled however the ASGI server ends it. Starlette cancels a response whose
+    client has gone as soon as it learns of it, which can be before the body was started;
+    a body never started never runs its own cleanup, so ``settle`` runs it then."""
+
+    def __init__(self, content: _Stream, *, settle: Callable[[], None], **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self._settle = settle
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._settle()

@@ -455,3 +455,26 @@ def test_a_stream_lost_after_its_head_with_no_engine_left_ends_with_an_error_eve
     assert metric(c.router.metrics.requests, "monolithic", "chat", "503") == 1
     assert metric(c.router.metrics.stream_resumes, "exhausted") == 1
     assert_settled(c)
+
+
+def test_a_client_gone_before_its_stream_started_still_releases_the_request():
+    """The client leaves before Starlette writes the status line: Starlette cancels the
+    response without ever starting its body, so the stream's own cleanup never runs; the
+    request must still be aborted in the engine and released."""
+    c = mono_cluster({"hang_after": 0})
+
+    async def gone():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        await asyncio.sleep(0)  # a write that yields to the loop
+
+    async def main():
+        response = await c.router.pipeline.serve("chat", FakeRequest(STREAM))
+        await response({"type": "http", "asgi": {"spec_version": "2.3"}}, gone, send)
+        await asyncio.sleep(0)
+
+    run(main())
+    assert c.engines["m0"].aborted == 1
+    assert metric(c.router.metrics.requests, "monolithic", "chat", "499") == 1
+    assert_settled(c)
