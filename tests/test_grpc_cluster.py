@@ -159,9 +159,21 @@ def test_unpulled_lease_expires_frees_prefill_blocks_and_a_late_pull_fails_clean
 def test_prefill_blocks_return_to_baseline_after_grpc_traffic(clusters):
     from concurrent.futures import ThreadPoolExecutor
 
+    from pdserve.bench.fidelity import wait_for_pd
+
+    wait_for_pd(clusters.grpc_url, 30)  # a transfer that succeeds: the fault tests' failures no longer count
     bodies = [chat_body(f"traffic {i} " + "word " * (20 * i), max_tokens=6) for i in range(12)]
     with ThreadPoolExecutor(6) as ex:
         results = list(ex.map(lambda b: post(clusters.grpc_url, "/v1/chat/completions", b), bodies))
-    assert all(r.status_code == 200 and r.headers["x-pdserve-path"] == "pd" for r in results)
+    seen = [(r.status_code, r.headers.get("x-pdserve-path"), r.headers.get("x-pdserve-fallback-cause"),
+             r.headers.get("x-pdserve-kv-transfer")) for r in results]
+    # Six at once on two cores can queue a pull past its deadline (what the 500 ms TTFT budget
+    # left, at least fallback.min_transfer_deadline_s): it is cut and the decode engine
+    # recomputes, and a third such failure in a row opens the link's breaker for the rest. Both
+    # are the designed answer to a slow link, and either way the prefill engine's blocks must
+    # come back; any other path or status is a defect.
+    load_outcomes = {"kv_transfer_deadline", "link_circuit_open"}
+    assert [s for s in seen if not (s[0] == 200 and (s[1] == "pd" or s[2] in load_outcomes))] == []
+    assert any(s[1] == "pd" and (s[3] or "").startswith("ok;") for s in seen), seen  # KV did move
     _wait_for(lambda: status(clusters.grpc_url)["pools"]["prefill"][0]["kv_cache_usage"] == 0.0, 10,
               "prefill KV usage back to baseline")
