@@ -271,7 +271,7 @@ class InstantStubEngine:
 
     async def start_streams(self, host: str = "127.0.0.1") -> None:
         """Serve ``generate`` on a direct stream too, as EngineReplica does."""
-        self.streams = StreamServer(self.generate, host)
+        self.streams = StreamServer(self.generate, host, report=self.load)
         await self.streams.start()
 
     def _request_id(self, endpoint: str) -> str:

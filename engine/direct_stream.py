@@ -14,7 +14,9 @@ Wire format: frames of a 4-byte big-endian length and a UTF-8 JSON payload.
   the replica's own random secret, which the router learns only through Ray (the replica's
   ``load()`` report), so nothing else on the network can submit work.
 * replica -> router: one frame per batch, a JSON list of items; then ``{"end": true}``, or
-  ``{"error": "..."}`` if the call raised.
+  ``{"error": "..."}`` if the call raised. Either end frame carries ``"load"``, the replica's
+  load report as of the call's end, where the replica has one (``StreamServer(report=...)``):
+  the router takes it in place of a load poll over Ray (router/pools.py ``Pool.take_report``).
 
 The router cancels a call by closing the connection; the replica sees EOF and stops the
 call, which aborts the engine request (the same path as a cancelled Ray stream).
@@ -96,8 +98,9 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> Any:
 class StreamServer:
     """The replica's side: serves ``serve(endpoint, body)`` calls to authenticated routers."""
 
-    def __init__(self, serve: ServeFn, host: str) -> None:
+    def __init__(self, serve: ServeFn, host: str, report: Optional[Callable[[], dict[str, Any]]] = None) -> None:
         self._serve = serve
+        self._report = report  # the load report each call's end frame carries
         self.host = host
         self.port: Optional[int] = None
         self._token = secrets.token_hex(16)
@@ -154,20 +157,28 @@ class StreamServer:
             writer.close()
             self.active -= 1
 
+    def _end(self, frame: dict[str, Any]) -> dict[str, Any]:
+        if self._report is not None:
+            try:
+                frame["load"] = self._report()
+            except Exception:  # noqa: BLE001 - the router polls over Ray instead; the call still ends
+                logger.exception("load report for an end frame failed")
+        return frame
+
     async def _pump(self, endpoint: str, body: dict[str, Any], writer: asyncio.StreamWriter) -> None:
         gen = self._serve(endpoint, body)
         try:
             async for batch in gen:
                 writer.write(encode_frame(batch))
                 await writer.drain()
-            writer.write(encode_frame({"end": True}))
+            writer.write(encode_frame(self._end({"end": True})))
             await writer.drain()
         except Exception as e:  # noqa: BLE001 - reported to the router, like a failed Ray call
             if isinstance(e, ConnectionError) or writer.is_closing():
                 return  # the router went away (or the dead-peer timeout fired); cleanup aborts the request
             logger.warning("direct stream call %s failed: %r", endpoint, e)
             try:
-                writer.write(encode_frame({"error": repr(e)}))
+                writer.write(encode_frame(self._end({"error": repr(e)})))
                 await writer.drain()
             except (ConnectionError, TimeoutError):
                 pass
@@ -311,7 +322,8 @@ class DirectStream:
 
     If the replica cannot be reached at all (it died, or scaled down, since the last load
     poll), or drops the connection before the call ended, ``on_down(error)`` is told (the
-    router marks the replica unhealthy at once). An unreachable replica's call then goes
+    router marks the replica unhealthy at once). The load report an end frame carries goes
+    to ``on_report(report)``. An unreachable replica's call then goes
     through ``ray_call()`` if one is given, which Ray Serve routes to a live replica of the
     pool, so nothing has been sent twice; without one, the step raises ``StreamBroken``.
     """
@@ -319,8 +331,10 @@ class DirectStream:
     def __init__(self, address: dict[str, Any], endpoint: str, body: dict[str, Any],
                  ray_call: Optional[Callable[[], Any]] = None, connect_timeout_s: float = 2.0,
                  on_down: Optional[Callable[[BaseException], None]] = None,
-                 spares: Optional[SpareConnections] = None) -> None:
+                 spares: Optional[SpareConnections] = None,
+                 on_report: Optional[Callable[[dict[str, Any]], None]] = None) -> None:
         self._address = address
+        self._on_report = on_report
         self._spares = spares
         self._request = {"token": address["token"], "endpoint": endpoint, "body": body}
         self._ray_call = ray_call
@@ -351,6 +365,7 @@ class DirectStream:
                 batch.extend(tuple(item) for item in payload)
             else:
                 self._control = payload
+                self._take_report(payload.get("load"))
         if batch:
             return batch
         if self._control is None:  # closed with no end frame: the replica died mid-call
@@ -392,6 +407,13 @@ class DirectStream:
 
     def _where(self) -> str:
         return f"{self._address['host']}:{self._address['port']}"
+
+    def _take_report(self, report: Any) -> None:
+        if self._on_report is not None and isinstance(report, dict):
+            try:
+                self._on_report(report)
+            except Exception:  # noqa: BLE001 - a load report must never break the call
+                logger.exception("on_report callback failed")
 
     def _report_down(self, error: BaseException) -> None:
         if self._on_down is not None and not self._cancelled:

@@ -72,7 +72,7 @@ class EngineReplica:
         self.meter = LittleMeter(scaling.window_s if scaling else 10.0)
         await self.server.start()
         # The router reads each call's items over this connection; Ray carries the control plane.
-        self.streams = StreamServer(self.generate, host)
+        self.streams = StreamServer(self.generate, host, report=self.load)
         await self.streams.start()
 
     async def generate(self, endpoint: str, body: dict[str, Any], replica: Optional[str] = None) -> AsyncIterator[list]:

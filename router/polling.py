@@ -50,7 +50,7 @@ class LoadPoller:
 
     async def refresh(self) -> None:
         for pool in self.router.pools.values():
-            await self._refresh_pool(pool)
+            await self._refresh_pool(pool, self.router.cfg.router.load_poll_interval_s)
         self.observe_fleet()
         self.count_kv_transfers()
         self.follow_kv_events()
@@ -58,10 +58,10 @@ class LoadPoller:
             self._last_serve_poll = time.monotonic()
             await self.poll_pool_sizes()
 
-    async def _refresh_pool(self, pool: "Pool") -> None:
+    async def _refresh_pool(self, pool: "Pool", fresh_s: float) -> None:
         pool.spares.expire()
         try:
-            await pool.refresh()
+            await pool.refresh(fresh_s)
         except Exception as e:  # a pool that cannot be reached is simply unhealthy
             pool.last_error = repr(e)
             logger.warning("load poll of %s failed: %r", pool.name, e)

@@ -24,6 +24,7 @@ class ReplicaState:
     healthy: bool = True
     last_ok: float = 0.0
     failures: int = 0
+    streamed_at: float = float("-inf")  # time.monotonic() of the last report an engine call's end carried
 
 
 class LegWatcher(Protocol):
@@ -54,7 +55,12 @@ class Pool:
         self.spares = SpareConnections()  # a direct-stream connection per replica, opened ahead
         self._legs: "weakref.WeakSet[LegWatcher]" = weakref.WeakSet()
 
-    async def refresh(self) -> None:
+    async def refresh(self, fresh_s: float = 0.0) -> None:
+        """Polls the load of each live replica over Ray, except a healthy one whose last
+        engine call ended less than ``fresh_s`` ago: that call's end carried its load
+        (``take_report``), as fresh as a poll's. A busy replica then costs no Ray calls, whose
+        CPU on a small machine comes out of the engines' cores and the requests' time to
+        first token."""
         view = POOL_VIEWS.get(self.deployment)
         if view is None:
             # The first call through the handle creates its request router (and view).
@@ -66,12 +72,14 @@ class Pool:
         self.last_error = None
         for gone in set(self.replicas) - set(ids):
             del self.replicas[gone]
+        since = time.monotonic() - fresh_s
+        polled = [rid for rid in ids if not self._reported_since(rid, since)]
         results = await asyncio.gather(
-            *(asyncio.wait_for(self.handle.load.remote(**{TARGET_KWARG: rid}), self.poll_timeout_s) for rid in ids),
+            *(asyncio.wait_for(self.handle.load.remote(**{TARGET_KWARG: rid}), self.poll_timeout_s) for rid in polled),
             return_exceptions=True,
         )
         now = time.time()
-        for rid, res in zip(ids, results):
+        for rid, res in zip(polled, results):
             st = self.replicas.setdefault(rid, ReplicaState(rid))
             if isinstance(res, BaseException) or res.get("replica") != rid:
                 st.failures += 1
@@ -84,6 +92,21 @@ class Pool:
                 st.failures = 0
                 st.last_ok = now
         self.sweep()
+
+    def _reported_since(self, replica_id: str, since: float) -> bool:
+        st = self.replicas.get(replica_id)
+        return st is not None and st.healthy and st.streamed_at > since
+
+    def take_report(self, replica_id: Optional[str], report: dict[str, Any]) -> None:
+        """The load report an engine call's end carried (engine/direct_stream.py): the
+        replica's load now, as a poll would have read it. It does not make an unhealthy
+        replica healthy again; only an answered poll does."""
+        st = self.replicas.get(replica_id or "")
+        if st is None or report.get("replica") != replica_id:
+            return
+        st.load = report
+        st.last_ok = time.time()
+        st.streamed_at = time.monotonic()
 
     def is_healthy(self, replica_id: str) -> bool:
         st = self.replicas.get(replica_id)
@@ -158,7 +181,7 @@ class Pool:
         address = st.load.get("stream") if st is not None and self.direct_streams else None
         if address:
             return DirectStream(address, endpoint, body, on_down=lambda e: self.mark_down(replica_id, e),
-                                spares=self.spares)
+                                spares=self.spares, on_report=lambda report: self.take_report(replica_id, report))
         kwargs = {TARGET_KWARG: replica_id} if replica_id else {}
         return self.handle.options(stream=True).generate.remote(endpoint, body, **kwargs)
 

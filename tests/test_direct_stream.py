@@ -241,3 +241,38 @@ def test_a_spare_the_replica_closed_is_not_used_and_an_unused_one_closes_quietly
     with caplog.at_level("WARNING", logger="pdserve.direct_stream"):
         assert _run(main()) == [[("sse", "data: [DONE]\n\n")]]
     assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
+def test_the_end_frame_carries_the_replicas_load_report_to_the_router():
+    async def main():
+        reports = iter([{"replica": "r", "running": 0}, {"replica": "r", "running": 1}])
+        ok, failing = Calls([[("sse", "data: a\n\n")]]), Calls([[("sse", "data: a\n\n")]], fail=RuntimeError("boom"))
+        got = []
+        for calls in (ok, failing):
+            srv = StreamServer(calls, "127.0.0.1", report=lambda: next(reports))
+            await srv.start()
+            try:
+                await _drain(DirectStream(srv.address(), "chat", {}, on_report=got.append))
+            except RemoteCallError:
+                got.append("error")
+            await srv.close()
+        return got
+
+    # a call that ends well, and one that raises: both end frames carry the report as of the end
+    assert _run(main()) == [{"replica": "r", "running": 0}, {"replica": "r", "running": 1}, "error"]
+
+
+def test_a_report_that_fails_leaves_the_call_whole_and_reports_nothing():
+    async def main():
+        def broken():
+            raise OSError("stat failed")
+
+        srv = StreamServer(Calls([[("sse", "data: a\n\n")]]), "127.0.0.1", report=broken)
+        await srv.start()
+        got = []
+        out = await _drain(DirectStream(srv.address(), "chat", {}, on_report=got.append))
+        await srv.close()
+        return out, got
+
+    out, got = _run(main())
+    assert out == [[("sse", "data: a\n\n")]] and got == []
