@@ -58,8 +58,8 @@ class RouterMetrics:
         self.kv_transfers = Counter("pdserve_kv_transfers", "KV transfers the decode pool completed",
                                     ["transport"], registry=r)
         self.autoscaler_target = Gauge("pdserve_autoscaler_target_replicas",
-                                       "Replicas Ray Serve is keeping for each pool (starting or running), "
-                                       "as its autoscaler set them", ["pool"], registry=r)
+                                       "Replicas Ray Serve keeps for each pool: an autoscaled pool's "
+                                       "starting or running ones, a fixed pool's configured count", ["pool"], registry=r)
 
     def _resumes_and_admission(self, r: CollectorRegistry) -> None:
         """Resumes, admission, tenants, goodput and the A/B split."""

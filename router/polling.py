@@ -30,9 +30,14 @@ class LoadPoller:
         self._last_serve_poll = 0.0
         # serve.status() costs tens of ms of the router's CPU (Ray pickles each deployment's
         # request-router class) and holds the GIL while it does, which showed in the tail of
-        # TTFT: asked every 5 s where a pool autoscales, every 30 s where the counts are fixed.
-        autoscaled = any(pool.autoscaling for pool in router.cfg.pools().values())
-        self._serve_poll_period_s = 5.0 if autoscaled else 30.0
+        # TTFT: asked every 5 s, and only where a pool autoscales. A fixed pool's count is its
+        # config's: Ray Serve keeps that many replicas, replacing any that die.
+        pools = router.cfg.pools()
+        self._autoscaled = {name for name, pool in pools.items() if pool.autoscaling}
+        for name, pool in pools.items():
+            if name not in self._autoscaled:
+                self.metrics.autoscaler_target.labels(name).set(pool.replicas)
+        self._serve_poll_period_s = 5.0
 
     async def poll_forever(self) -> None:
         while True:
@@ -54,7 +59,7 @@ class LoadPoller:
         self.observe_fleet()
         self.count_kv_transfers()
         self.follow_kv_events()
-        if time.monotonic() - self._last_serve_poll >= self._serve_poll_period_s:
+        if self._autoscaled and time.monotonic() - self._last_serve_poll >= self._serve_poll_period_s:
             self._last_serve_poll = time.monotonic()
             await self.poll_pool_sizes()
 
@@ -101,7 +106,7 @@ class LoadPoller:
         r.disaggregator.observe_poll(sum(st.healthy for st in prefill.replicas.values()) if prefill else 0)
 
     async def poll_pool_sizes(self) -> None:
-        """Ray Serve's replica counts per pool (what its autoscaler is holding), for /metrics."""
+        """Ray Serve's replica counts per autoscaled pool (what its autoscaler is holding), for /metrics."""
         from ray import serve
 
         try:
@@ -111,7 +116,7 @@ class LoadPoller:
         except Exception as e:  # noqa: BLE001 - metrics only; never break serving over them
             logger.debug("serve.status failed: %r", e)
             return
-        for name in self.router.pools:
+        for name in self._autoscaled & set(self.router.pools):
             d = deployments.get(name)
             if d is not None:
                 live = sum(n for state, n in d.replica_states.items()

@@ -98,3 +98,18 @@ def test_a_report_for_another_replica_or_an_unhealthy_one_changes_no_health():
     pool.take_report("gone", {"replica": "gone"})  # a replica that left the pool's view meanwhile
     assert "gone" not in pool.replicas
 
+
+def test_a_fixed_pools_replica_count_is_its_configs_and_serve_status_is_never_asked():
+    c = MemoryCluster("pd")
+    router = c.build()
+    poller = router.poller
+    assert not poller._autoscaled
+    for name in ("prefill", "decode"):
+        expected = c.cfg.pools()[name].replicas
+        assert router.metrics.autoscaler_target.labels(name)._value.get() == expected
+
+    async def refused():
+        raise AssertionError("serve.status asked for a fixed pool")
+
+    poller.poll_pool_sizes = refused
+    run(poller.refresh())
