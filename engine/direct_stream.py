@@ -1,4 +1,4 @@
-"""The token data plane: one TCP connection per engine call, from the router to the replica.
+"""The token data plane: one connection per engine call, from the router to the replica.
 
 Ray Serve carries the control plane (load polls, health, chaos, autoscaling, replica
 lifecycle). The items of each engine call (engine/server.py ``Item`` tuples, batched as
@@ -7,6 +7,13 @@ streaming call: every Ray message costs about 0.4 ms of CPU across the router, t
 and Ray's IO threads, which made the router, not the engines, the ceiling
 (bench/router_capacity.py). A frame here costs a JSON encode, one socket write and a JSON
 decode.
+
+A replica listens on TCP for routers on other hosts and, on Linux, on an abstract Unix
+socket for a router on its own host (``unix`` in its address). Abstract Unix names live in
+a network namespace, so only a router on the same host (a lab host is a namespace) reaches
+one; any other falls back to TCP at once (``dial``). Over loopback TCP each frame's write
+runs the whole TCP stack in the sender (profiled: the replica's largest cost per token);
+over a Unix socket it is a copy between two buffers.
 
 Wire format: frames of a 4-byte big-endian length and a UTF-8 JSON payload.
 
@@ -21,12 +28,13 @@ Wire format: frames of a 4-byte big-endian length and a UTF-8 JSON payload.
 The router cancels a call by closing the connection; the replica sees EOF and stops the
 call, which aborts the engine request (the same path as a cancelled Ray stream).
 
-A peer that vanishes without a FIN or a reset (its host partitioned or powered off) must
-not hold a connection until TCP gives up, which takes minutes: both ends run TCP keepalive
+A peer on another host that vanishes without a FIN or a reset (its host partitioned or
+powered off) must not hold a connection until TCP gives up, which takes minutes: both ends run TCP keepalive
 and ``TCP_USER_TIMEOUT`` (``detect_dead_peer``), so the kernel fails the connection once
 data or keepalive probes go unacknowledged for ``DEAD_PEER_TIMEOUT_S``. The router then
 sees a broken stream, and the replica aborts the engine request of a router that is gone.
 A live peer acknowledges the probes, so a long quiet wait (a long prefill) is not cut.
+A peer on the same host cannot vanish that way: the kernel closes a dead process's sockets.
 """
 from __future__ import annotations
 
@@ -38,6 +46,7 @@ import logging
 import secrets
 import socket
 import struct
+import sys
 import time
 from typing import Any, AsyncIterator, Callable, Optional
 
@@ -76,7 +85,7 @@ def detect_dead_peer(sock) -> None:
 
 def _tune(transport) -> None:
     sock = transport.get_extra_info("socket")
-    if sock is not None:
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         try:
             detect_dead_peer(sock)
         except OSError as e:  # noqa: PERF203 - a socket that refuses the options still works
@@ -105,21 +114,36 @@ class StreamServer:
         self.port: Optional[int] = None
         self._token = secrets.token_hex(16)
         self._server: Optional[asyncio.base_events.Server] = None
+        self._unix_server: Optional[asyncio.base_events.Server] = None
+        self.unix_name: Optional[str] = None  # the abstract Unix socket's name, without its leading NUL
         self.active = 0
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._connection, self.host, 0)
         self.port = self._server.sockets[0].getsockname()[1]
+        if sys.platform.startswith("linux"):
+            name = f"pdserve-stream-{secrets.token_hex(8)}"
+            try:
+                self._unix_server = await asyncio.start_unix_server(self._connection, "\0" + name)
+                self.unix_name = name
+            except OSError as e:  # routers on this host use TCP, as routers elsewhere do
+                logger.warning("direct stream: no Unix socket for same-host routers: %r", e)
 
     def address(self) -> dict[str, Any]:
         """What the router needs to call this replica directly (it travels only through Ray)."""
-        return {"host": self.host, "port": self.port, "token": self._token}
+        address = {"host": self.host, "port": self.port, "token": self._token}
+        if self.unix_name:
+            address["unix"] = self.unix_name
+        return address
 
     async def close(self, drain_timeout_s: float = 0.0) -> None:
         """Stop accepting; let calls in flight finish for up to ``drain_timeout_s``."""
         if self._server is None:
             return
         self._server.close()
+        if self._unix_server is not None:
+            self._unix_server.close()
+            self._unix_server = None
         deadline = asyncio.get_running_loop().time() + drain_timeout_s
         while self.active and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
@@ -240,6 +264,45 @@ class _FrameReader(asyncio.Protocol):
             await self._waiter
 
 
+class _UnixNames:
+    """Abstract Unix names this router could not reach: their replicas are on other hosts (or
+    gone), so calls to them dial TCP without trying the name again."""
+
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self._names: set[str] = set()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def add(self, name: str) -> None:
+        if len(self._names) >= self.LIMIT:  # replicas come and go; forgetting costs one refused connect
+            self._names.clear()
+        self._names.add(name)
+
+
+UNREACHABLE_UNIX = _UnixNames()
+
+
+async def dial(address: dict[str, Any], timeout_s: float) -> "_FrameReader":
+    """A connection to the replica at ``address``: its Unix socket where this router shares
+    its host, else TCP with dead-peer detection. Raises OSError or asyncio.TimeoutError when
+    the replica cannot be reached either way."""
+    loop = asyncio.get_running_loop()
+    name = address.get("unix")
+    if name and name not in UNREACHABLE_UNIX:
+        try:
+            _, conn = await asyncio.wait_for(loop.create_unix_connection(_FrameReader, "\0" + name), timeout_s)
+            return conn
+        except (OSError, asyncio.TimeoutError):
+            UNREACHABLE_UNIX.add(name)
+    _, conn = await asyncio.wait_for(loop.create_connection(_FrameReader, address["host"], address["port"]),
+                                     timeout_s)
+    _tune(conn.transport)
+    return conn
+
+
 class SpareConnections:
     """The router's side: one connection per replica, opened ahead of the call that will use it.
 
@@ -268,7 +331,7 @@ class SpareConnections:
         """The replica's fresh spare connection, or None; opens the next one either way."""
         key = self._key(address)
         spare = self._spares.pop(key, None)
-        self._open_soon(key)
+        self._open_soon(key, address)
         if spare is None:
             return None
         conn, opened = spare
@@ -293,22 +356,20 @@ class SpareConnections:
     def __len__(self) -> int:
         return len(self._spares)
 
-    def _open_soon(self, key: tuple[str, int]) -> None:
+    def _open_soon(self, key: tuple[str, int], address: dict[str, Any]) -> None:
         if key not in self._opening:
             self._opening.add(key)
-            task = asyncio.get_running_loop().create_task(self._open(key))
+            task = asyncio.get_running_loop().create_task(self._open(key, address))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _open(self, key: tuple[str, int]) -> None:
+    async def _open(self, key: tuple[str, int], address: dict[str, Any]) -> None:
         try:
-            _, conn = await asyncio.wait_for(
-                asyncio.get_running_loop().create_connection(_FrameReader, *key), self._connect_timeout_s)
+            conn = await dial(address, self._connect_timeout_s)
         except (OSError, asyncio.TimeoutError):
             return  # the call that needs it connects itself, and reports the replica down if it fails
         finally:
             self._opening.discard(key)
-        _tune(conn.transport)
         old = self._spares.pop(key, None)
         if old is not None:
             old[0].transport.close()
@@ -386,11 +447,8 @@ class DirectStream:
             self._conn = spare
             spare.transport.write(encode_frame(self._request))
             return
-        loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(_FrameReader, self._address["host"], self._address["port"]),
-                self._connect_timeout_s)
+            conn = await dial(self._address, self._connect_timeout_s)
         except (OSError, asyncio.TimeoutError) as e:
             self._report_down(e)
             if self._ray_call is None or self._cancelled:
@@ -402,7 +460,6 @@ class DirectStream:
         if self._cancelled:  # cancelled while connecting
             conn.transport.abort()
             raise StreamBroken("the call was cancelled")
-        _tune(conn.transport)
         conn.transport.write(encode_frame(self._request))
 
     def _where(self) -> str:

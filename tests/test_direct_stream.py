@@ -276,3 +276,63 @@ def test_a_report_that_fails_leaves_the_call_whole_and_reports_nothing():
 
     out, got = _run(main())
     assert out == [[("sse", "data: a\n\n")]] and got == []
+
+
+def _families(srv: StreamServer) -> list:
+    """The address family of each connection the replica accepts (wraps its handler before start())."""
+    seen = []
+    handler = srv._connection
+
+    async def recorded(reader, writer):
+        seen.append(writer.get_extra_info("socket").family)
+        await handler(reader, writer)
+
+    srv._connection = recorded
+    return seen
+
+
+def test_a_router_on_the_replicas_host_calls_over_its_unix_socket_and_one_elsewhere_over_tcp():
+    from pdserve.engine.direct_stream import UNREACHABLE_UNIX
+
+    async def main():
+        calls = Calls([[("sse", "data: a\n\n")], [("sse", "data: [DONE]\n\n")]])
+        srv = StreamServer(calls, "127.0.0.1")
+        families = _families(srv)
+        await srv.start()
+        here = srv.address()
+        # a replica whose Unix name this host does not have: on another host (network namespace)
+        elsewhere = dict(here, unix="pdserve-stream-on-another-host")
+        got = [await _drain(DirectStream(here, "chat", {})), await _drain(DirectStream(elsewhere, "chat", {}))]
+        await srv.close()
+        return here, got, families
+
+    here, got, families = _run(main())
+    assert here["unix"].startswith("pdserve-stream-")
+    items = [[item for batch in call for item in batch] for call in got]  # however the frames were batched
+    assert items == [[("sse", "data: a\n\n"), ("sse", "data: [DONE]\n\n")]] * 2
+    assert families == [socket.AF_UNIX, socket.AF_INET]
+    assert "pdserve-stream-on-another-host" in UNREACHABLE_UNIX  # the next call dials TCP at once
+
+
+def test_a_same_host_replica_that_dies_mid_stream_is_a_broken_stream():
+    async def main():
+        name = "pdserve-stream-test-dies"
+
+        async def fake_replica(reader, writer):
+            await read_frame(reader, 1 << 20)
+            writer.write(encode_frame([["sse", "one"]]))
+            await writer.drain()
+            writer.transport.abort()  # the process died: no end frame
+
+        server = await asyncio.start_unix_server(fake_replica, "\0" + name)
+        with socket.socket() as s:  # its TCP port: closed, so the call could only have used the Unix socket
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        stream = DirectStream({"host": "127.0.0.1", "port": port, "token": "t", "unix": name}, "chat", {})
+        first = await stream.__anext__()
+        with pytest.raises(StreamBroken):
+            await stream.__anext__()
+        server.close()
+        return first
+
+    assert _run(main()) == [("sse", "one")]

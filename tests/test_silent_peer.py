@@ -166,14 +166,21 @@ def test_both_ends_of_a_direct_stream_detect_a_dead_peer(monkeypatch):
     async def main():
         srv = StreamServer(serve, "127.0.0.1")
         await srv.start()
-        got = [b async for b in DirectStream(srv.address(), "chat", {})]
+        # a router on another host: the replica's Unix socket is not in its network namespace
+        tcp = {k: v for k, v in srv.address().items() if k != "unix"}
+        got = [b async for b in DirectStream(tcp, "chat", {})]
+        tuned_over_tcp = list(tuned)
+        got += [b async for b in DirectStream(srv.address(), "chat", {})]  # a router on the replica's host
         await srv.close()
-        return got
+        return got, tuned_over_tcp
 
-    assert run(main()) == [[("sse", "x")]]
+    got, tuned_over_tcp = run(main())
+    assert got == [[("sse", "x")]] * 2
     want = {"keepalive": 1, "user_timeout_ms": int(direct_stream.DEAD_PEER_TIMEOUT_S * 1000),
             "keepidle": direct_stream.KEEPALIVE_IDLE_S}
-    assert tuned == [want, want]  # the router's socket and the replica's
+    assert tuned_over_tcp == [want, want]  # the router's socket and the replica's
+    # over the same host's Unix socket nothing to tune: the kernel closes a dead process's sockets
+    assert tuned == tuned_over_tcp
     assert direct_stream.DEAD_PEER_TIMEOUT_S <= 10
 
 
