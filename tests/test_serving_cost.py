@@ -32,3 +32,28 @@ def test_ratios_are_pdserve_over_vllm_of_the_run_medians():
     assert set(report["ratios"]) == {"vllm-confined", "vllm-free"}
     # per round: 33/20 and 27/30, median of the two
     assert report["paired_ratios"]["vllm-confined"]["median_ttft_ms"] == pytest.approx((33 / 20 + 27 / 30) / 2)
+
+
+def test_each_server_serves_other_prompts_unmeasured_before_its_measured_run(monkeypatch):
+    from pdserve.bench import serving_cost
+
+    calls = []
+
+    def fake_client(url, model, **client):
+        calls.append((client["num_prompts"], client["seed"]))
+        return {"run": len(calls)}
+
+    monkeypatch.setattr(serving_cost, "vllm_bench_serve", fake_client)
+    client = {"num_prompts": 100, "seed": 7, "rate": 4.0}
+    assert serving_cost.warm_then_measure("http://x", "tiny", client, 30) == {"run": 2}  # the second run's figures
+    assert calls == [(30, 8), (100, 7)]  # other prompts first (seed + 1): no prefix-cache hit in the measured run
+    calls.clear()
+    assert serving_cost.warm_then_measure("http://x", "tiny", client, 0) == {"run": 1} and calls == [(100, 7)]
+
+
+def test_a_negative_warmup_is_refused_with_a_message(capsys):
+    from pdserve.bench import serving_cost
+
+    with pytest.raises(SystemExit):
+        serving_cost.main(["--warmup-prompts", "-1"])
+    assert "--warmup-prompts must be >= 0" in capsys.readouterr().err
