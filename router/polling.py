@@ -19,6 +19,8 @@ logger = logging.getLogger("pdserve.router")
 _LIVE_STATES = ("STARTING", "UPDATING", "RECOVERING", "RUNNING")
 # A router is idle once no engine call has run or started for this long.
 IDLE_AFTER_S = 2.0
+# Between serve.status() calls, made only where a pool autoscales (LoadPoller.__init__).
+SERVE_POLL_PERIOD_S = 5.0
 
 
 class LoadPoller:
@@ -37,7 +39,6 @@ class LoadPoller:
         for name, pool in pools.items():
             if name not in self._autoscaled:
                 self.metrics.autoscaler_target.labels(name).set(pool.replicas)
-        self._serve_poll_period_s = 5.0
 
     async def poll_forever(self) -> None:
         while True:
@@ -59,7 +60,7 @@ class LoadPoller:
         self.observe_fleet()
         self.count_kv_transfers()
         self.follow_kv_events()
-        if self._autoscaled and time.monotonic() - self._last_serve_poll >= self._serve_poll_period_s:
+        if self._autoscaled and time.monotonic() - self._last_serve_poll >= SERVE_POLL_PERIOD_S:
             self._last_serve_poll = time.monotonic()
             await self.poll_pool_sizes()
 
