@@ -119,25 +119,31 @@ def test_a_wrong_token_is_refused_and_runs_nothing():
     assert _run(main()) == []
 
 
-def test_a_replica_that_dies_mid_stream_is_a_broken_stream():
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_a_replica_that_dies_mid_stream_is_a_broken_stream(transport):
     async def main():
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        port = listener.getsockname()[1]
-
         async def fake_replica(reader, writer):
             await read_frame(reader, 1 << 20)
             writer.write(encode_frame([["sse", "one"]]))
             await writer.drain()
             writer.transport.abort()  # the process died: no end frame
 
-        server = await asyncio.start_server(fake_replica, sock=listener)
-        stream = DirectStream({"host": "127.0.0.1", "port": port, "token": "t"}, "chat", {})
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        address = {"host": "127.0.0.1", "port": port, "token": "t"}
+        if transport == "tcp":  # a replica on another host
+            listener.listen()
+            server = await asyncio.start_server(fake_replica, sock=listener)
+        else:  # on the router's host; its TCP port never listens, so only the Unix socket serves the call
+            address["unix"] = "pdserve-stream-test-dies"
+            server = await asyncio.start_unix_server(fake_replica, "\0" + address["unix"])
+        stream = DirectStream(address, "chat", {})
         first = await stream.__anext__()
         with pytest.raises(StreamBroken):
             await stream.__anext__()
         server.close()
+        listener.close()
         return first
 
     assert _run(main()) == [("sse", "one")]
@@ -177,12 +183,12 @@ def test_an_unreachable_replica_is_called_through_ray_instead():
 
 
 def _counting(srv: StreamServer) -> list:
-    """Counts the connections the replica accepts (wraps its handler before start())."""
+    """The address family of each connection the replica accepts (wraps its handler before start())."""
     accepted = []
     handler = srv._connection
 
     async def counted(reader, writer):
-        accepted.append(1)
+        accepted.append(writer.get_extra_info("socket").family)
         await handler(reader, writer)
 
     srv._connection = counted
@@ -278,26 +284,13 @@ def test_a_report_that_fails_leaves_the_call_whole_and_reports_nothing():
     assert out == [[("sse", "data: a\n\n")]] and got == []
 
 
-def _families(srv: StreamServer) -> list:
-    """The address family of each connection the replica accepts (wraps its handler before start())."""
-    seen = []
-    handler = srv._connection
-
-    async def recorded(reader, writer):
-        seen.append(writer.get_extra_info("socket").family)
-        await handler(reader, writer)
-
-    srv._connection = recorded
-    return seen
-
-
 def test_a_router_on_the_replicas_host_calls_over_its_unix_socket_and_one_elsewhere_over_tcp():
     from pdserve.engine.direct_stream import UNREACHABLE_UNIX
 
     async def main():
         calls = Calls([[("sse", "data: a\n\n")], [("sse", "data: [DONE]\n\n")]])
         srv = StreamServer(calls, "127.0.0.1")
-        families = _families(srv)
+        families = _counting(srv)
         await srv.start()
         here = srv.address()
         # a replica whose Unix name this host does not have: on another host (network namespace)
@@ -313,26 +306,3 @@ def test_a_router_on_the_replicas_host_calls_over_its_unix_socket_and_one_elsewh
     assert families == [socket.AF_UNIX, socket.AF_INET]
     assert "pdserve-stream-on-another-host" in UNREACHABLE_UNIX  # the next call dials TCP at once
 
-
-def test_a_same_host_replica_that_dies_mid_stream_is_a_broken_stream():
-    async def main():
-        name = "pdserve-stream-test-dies"
-
-        async def fake_replica(reader, writer):
-            await read_frame(reader, 1 << 20)
-            writer.write(encode_frame([["sse", "one"]]))
-            await writer.drain()
-            writer.transport.abort()  # the process died: no end frame
-
-        server = await asyncio.start_unix_server(fake_replica, "\0" + name)
-        with socket.socket() as s:  # its TCP port: closed, so the call could only have used the Unix socket
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        stream = DirectStream({"host": "127.0.0.1", "port": port, "token": "t", "unix": name}, "chat", {})
-        first = await stream.__anext__()
-        with pytest.raises(StreamBroken):
-            await stream.__anext__()
-        server.close()
-        return first
-
-    assert _run(main()) == [("sse", "one")]
