@@ -8,13 +8,17 @@ the medians of the runs.
 
     python -m pdserve.bench.serving_cost [--rounds 2 --num-prompts 100 --rate 4 --warmup-prompts 100]
 
+Both servers run the engine with its prefix cache off (``--prefix-caching`` keeps it on).
+vLLM's random prompts are runs of consecutive token ids from a random start, and the built-in
+tiny model's tokenizer has 818 of them: a server that has served a few hundred prompts has
+seen most starts, and its later prompts hit the cache whole. With the cache on, one vLLM
+server's TTFT p50 fell from 70 to 39 ms over ten runs of 100 "new" prompts as its hit rate
+rose; with it off, six such runs gave 72-84 ms with no trend (2026-12-03). A run's figures
+then depend on how many prompts the server served before it, not on its serving path.
+
 Each server, once started, first serves an unmeasured run of ``--warmup-prompts`` other
-prompts (the client's seed + 1) at the same rate. A freshly started engine serves its first
-minute markedly slower (one vLLM server, the same workload: TTFT p50 72, 72 then 62 ms over
-three runs of new prompts), so a run straight after the start measures how each server
-warms up rather than its serving path. The warm-up's prompts share nothing with the measured
-ones, so the measured run is served without prefix-cache hits (a repeated prompt set gave
-TTFT p50 28 ms on the same server).
+prompts (the client's seed + 1) at the same rate, so that neither is measured on its first
+requests.
 
 pdserve runs monolithic (config ``--config``, shrunk to one replica on ``--core``, autoscaling
 off): one Ray Serve router replica in front of one engine replica. vLLM's server gets the engine
@@ -97,10 +101,13 @@ def client_settings(p: argparse.ArgumentParser, args: argparse.Namespace, tokeni
                 output_len=args.output_len, seed=seed, client_core=None if args.client_core < 0 else args.client_core)
 
 
-def one_engine(cfg, core: int):
-    """``cfg`` served monolithic by one engine replica on ``core``, autoscaling off."""
+def one_engine(cfg, core: int, prefix_caching: bool = False):
+    """``cfg`` served monolithic by one engine replica on ``core``, autoscaling off, and the
+    engine's prefix cache as ``prefix_caching`` says (both servers run the engine settings
+    this returns)."""
     mono = cfg.monolithic.model_copy(update={"replicas": 1, "cpu_cores": [str(core)], "autoscaling": None})
-    return cfg.model_copy(update={"mode": "monolithic", "monolithic": mono})
+    engine = cfg.engine.model_copy(update={"enable_prefix_caching": prefix_caching})
+    return cfg.model_copy(update={"mode": "monolithic", "monolithic": mono, "engine": engine})
 
 
 PLACEMENTS = ("engine", "free", "confined")
@@ -150,7 +157,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"\nvLLM bench serve, chat, {args.input_len} in / {args.output_len} out, Poisson {args.rate}/s, "
           f"{args.num_prompts} prompts per run after {args.warmup_prompts} unmeasured, "
-          f"engine on core {args.core}, client on core {args.client_core}")
+          f"engine on core {args.core}, client on core {args.client_core}, "
+          f"prefix cache {'on' if args.prefix_caching else 'off'}")
     print(f"{'run':<22}" + "".join(f"{k:>16}" for k in FIGURES))
     for arm, rs in report["runs"].items():
         for i, r in enumerate(rs):
@@ -174,6 +182,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-prompts", type=int, default=100,
                    help="an unmeasured run of this many other prompts on each server before its measured run (0: none)")
+    p.add_argument("--prefix-caching", action="store_true",
+                   help="keep the engines' prefix cache on (off by default: with the built-in tiny model's "
+                        "818-token vocabulary, vLLM's random prompts repeat and hit it)")
     p.add_argument("--vllm-placements", default=",".join(PLACEMENTS),
                    help="where vLLM's server runs, each every round: engine (its engine processes on --core, "
                         "as pdserve places them), free (only the compute threads bound), confined (all on --core)")
@@ -184,7 +195,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error(f"--vllm-placements: a comma-separated subset of {','.join(PLACEMENTS)}, got {args.vllm_placements!r}")
     if args.warmup_prompts < 0:
         p.error(f"--warmup-prompts must be >= 0, got {args.warmup_prompts}")
-    cfg = one_engine(load_config(args.config), args.core)
+    cfg = load_config(args.config)
+    if cfg.router.needs_kv_events() and not args.prefix_caching:
+        p.error(f"{args.config} routes on the engines' prefix cache: run it with --prefix-caching")
+    cfg = one_engine(cfg, args.core, args.prefix_caching)
     client = client_settings(p, args, resolve_model(cfg.model.path), args.seed)
     runs: dict[str, list[dict[str, Any]]] = {**{f"vllm-{x}": [] for x in placements}, "pdserve": []}
     log = ROOT / "bench" / "results" / "serving_cost_vllm_server.log"  # vLLM's server's output, kept out of git

@@ -19,6 +19,28 @@ def test_pdserve_runs_one_engine_on_the_given_core_without_autoscaling():
     assert cfg.monolithic.autoscaling is None
 
 
+def test_both_servers_run_the_engine_without_its_prefix_cache_unless_asked():
+    from pdserve.bench.vllm_server import server_command
+
+    shipped = load_config(ROOT / "configs" / "cpu-monolithic.yaml")
+    assert shipped.engine.enable_prefix_caching
+    off = one_engine(shipped, 1)
+    assert not off.engine.enable_prefix_caching
+    assert "--no-enable-prefix-caching" in server_command(off, port=8000)
+    on = one_engine(shipped, 1, prefix_caching=True)
+    assert on.engine.enable_prefix_caching
+    assert "--enable-prefix-caching" in server_command(on, port=8000)
+
+
+def test_a_config_that_routes_on_the_prefix_cache_needs_it_kept_on(capsys):
+    from pdserve.bench.serving_cost import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--config", str(ROOT / "configs" / "cpu-pd.yaml")])
+    assert e.value.code == 2
+    assert "--prefix-caching" in capsys.readouterr().err
+
+
 def test_ratios_are_pdserve_over_vllm_of_the_run_medians():
     def run(ttft, tpot):
         return {k: (ttft if "ttft" in k else tpot) for k in FIGURES}
