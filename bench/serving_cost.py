@@ -11,10 +11,11 @@ the medians of the runs.
 Both servers run the engine with its prefix cache off (``--prefix-caching`` keeps it on).
 vLLM's random prompts are runs of consecutive token ids from a random start, and the built-in
 tiny model's tokenizer has 818 of them: a server that has served a few hundred prompts has
-seen many of the starts, and a growing share of its later prompts hit the cache whole. With the cache on, one vLLM
-server's TTFT p50 fell from 70 to 39 ms over ten runs of 100 "new" prompts as its hit rate
-rose; with it off, six such runs gave 72-84 ms with no trend (2026-12-03). A run's figures
-then depend on how many prompts the server served before it, not on its serving path.
+seen many of the starts, and a growing share of its later prompts hit the cache whole. With
+the cache on, one vLLM server's TTFT p50 fell from 70 to 39 ms over ten runs of 100 "new"
+prompts as its hit rate rose; with it off, six such runs gave 72-84 ms with no trend
+(2026-12-03). A run's figures then depend on how many prompts the server served before it,
+not on its serving path.
 
 Each server, once started, first serves an unmeasured run of ``--warmup-prompts`` other
 prompts (the client's seed + 1) at the same rate, so that neither is measured on its first

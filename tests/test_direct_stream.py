@@ -182,7 +182,7 @@ def test_an_unreachable_replica_is_called_through_ray_instead():
     assert got == [[("meta", {"replica": "other"})]] and n == 1
 
 
-def _counting(srv: StreamServer) -> list:
+def _accepted_families(srv: StreamServer) -> list:
     """The address family of each connection the replica accepts (wraps its handler before start())."""
     accepted = []
     handler = srv._connection
@@ -201,7 +201,7 @@ def test_the_next_call_goes_over_the_spare_opened_after_the_last():
     async def main():
         calls = Calls([[("sse", "data: [DONE]\n\n")]])
         srv = StreamServer(calls, "127.0.0.1")
-        accepted = _counting(srv)
+        accepted = _accepted_families(srv)
         await srv.start()
         spares = SpareConnections()
         assert await _drain(DirectStream(srv.address(), "chat", {"n": 1}, spares=spares)) == [[("sse", "data: [DONE]\n\n")]]
@@ -290,7 +290,7 @@ def test_a_router_on_the_replicas_host_calls_over_its_unix_socket_and_one_elsewh
     async def main():
         calls = Calls([[("sse", "data: a\n\n")], [("sse", "data: [DONE]\n\n")]])
         srv = StreamServer(calls, "127.0.0.1")
-        families = _counting(srv)
+        families = _accepted_families(srv)
         await srv.start()
         here = srv.address()
         # a replica whose Unix name this host does not have: on another host (network namespace)
